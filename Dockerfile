@@ -1,0 +1,24 @@
+# One image with both binaries: the operator and the sidecar it injects.
+# Build: docker build -t apipolicy:dev .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, in their own layer: a source change does not rebuild them.
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY api/Cargo.toml api/Cargo.toml
+COPY sidecar/Cargo.toml sidecar/Cargo.toml
+COPY operator/Cargo.toml operator/Cargo.toml
+COPY tests/Cargo.toml tests/Cargo.toml
+RUN for c in api sidecar operator tests; do mkdir -p $c/src && echo 'fn main() {}' > $c/src/main.rs && touch $c/src/lib.rs; done \
+ && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator || true
+COPY . .
+RUN touch api/src/lib.rs sidecar/src/*.rs operator/src/*.rs \
+ && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator \
+ && strip target/release/apipolicy-sidecar target/release/apipolicy-operator
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/apipolicy-sidecar /usr/local/bin/apipolicy-sidecar
+COPY --from=build /src/target/release/apipolicy-operator /usr/local/bin/apipolicy-operator
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/apipolicy-operator"]
+CMD ["run"]

@@ -1,0 +1,491 @@
+//! `compile()`: a valid ApiPolicy becomes the `SidecarConfig` the sidecar runs. Every default
+//! of the resource is applied here and nowhere else.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    Algorithm, ApiPolicy, CacheMode, Encoding, HeaderMatch, LimitMode, Method, MissingKey, RouteSettings,
+    Scope, StoreFailure, ValidationError,
+    types::{CheckTiming, PathMatch},
+    validate::{DEFAULT_ROUTE, validate},
+};
+
+/// Defaults, in one place; each is also written on its field's documentation.
+pub mod defaults {
+    pub const UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+    pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 90_000;
+    pub const REDIS_TIMEOUT_MS: u64 = 50;
+    pub const REDIS_SECRET_KEY: &str = "url";
+    pub const MAX_ENTRY_SIZE: u64 = 1 << 20;
+    pub const COMPRESSION_MIN_SIZE: u64 = 1024;
+    pub const ALGORITHMS: [super::Encoding; 3] =
+        [super::Encoding::Br, super::Encoding::Zstd, super::Encoding::Gzip];
+    pub const CONTENT_TYPES: [&str; 7] = [
+        "text/*",
+        "application/json",
+        "application/*+json",
+        "application/javascript",
+        "application/xml",
+        "application/*+xml",
+        "image/svg+xml",
+    ];
+    pub const REJECT_STATUS: u16 = 401;
+    pub const SLO_WINDOW_MS: u64 = 30 * 86_400_000;
+    pub const CHECK_INTERVAL_MS: u64 = 5_000;
+    pub const CHECK_TIMEOUT_MS: u64 = 1_000;
+    pub const UNHEALTHY_THRESHOLD: u32 = 3;
+    pub const HEALTHY_THRESHOLD: u32 = 2;
+}
+
+/// What the sidecar runs: a compiled policy, its revision, and whose it is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarConfig {
+    /// `sha256:` and the hex SHA-256 of the canonical JSON of `spec`.
+    pub revision: String,
+    pub policy: PolicyRef,
+    pub spec: CompiledSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct PolicyRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledSpec {
+    pub upstream: UpstreamConfig,
+    pub trusted_proxies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
+    /// In match order; the last one is always `default`, which matches every request.
+    pub routes: Vec<RouteConfig>,
+    pub slos: Vec<SloConfig>,
+    pub health_checks: HealthConfig,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamConfig {
+    pub port: u16,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisConfig {
+    /// Empty when the URL comes from `secret`.
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretConfig>,
+    pub cluster: bool,
+    pub timeout_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretConfig {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: MatchConfig,
+    pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MatchConfig {
+    pub path: PathConfig,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    /// Header names lower-cased.
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PathConfig {
+    Any,
+    Prefix(String),
+    Exact(String),
+    /// Matches the whole path (see `validate::compile_path_regex`).
+    Regex(String),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheConfig {
+    pub mode: CacheMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    pub stale_while_revalidate_ms: u64,
+    pub stale_if_error_ms: u64,
+    pub private: bool,
+    /// Lower-cased header names.
+    pub vary: Vec<String>,
+    pub etag: bool,
+    pub store: bool,
+    pub max_entry_size: u64,
+    pub store_set_cookie: bool,
+    pub surrogate_keys: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    pub algorithm: Algorithm,
+    pub limit: Limit,
+    pub key: KeyConfig,
+    pub scope: Scope,
+    pub mode: LimitMode,
+    pub on_store_failure: StoreFailure,
+    pub overrides: Vec<OverrideConfig>,
+}
+
+/// `requests` per `per_ms` with a bucket of `burst` (0: requests evenly spaced).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Limit {
+    pub requests: u32,
+    pub per_ms: u64,
+    pub burst: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyConfig {
+    pub client_ip: bool,
+    /// Lower-cased header name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    pub on_missing: MissingKey,
+    pub reject_status: u16,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OverrideConfig {
+    pub values: Vec<String>,
+    pub limit: Limit,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompressionConfig {
+    pub algorithms: Vec<Encoding>,
+    pub min_size: u64,
+    pub content_types: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SloConfig {
+    pub name: String,
+    /// Percent good, 0 < objective < 100.
+    pub objective: f64,
+    pub window_ms: u64,
+    pub indicator: IndicatorConfig,
+    /// Route names counted, `default` included when it is counted.
+    pub routes: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum IndicatorConfig {
+    Availability,
+    Latency { threshold_ms: u64 },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HealthConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<CheckConfig>,
+    pub dependencies: Vec<CheckConfig>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckConfig {
+    pub name: String,
+    pub target: CheckTarget,
+    pub critical: bool,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum CheckTarget {
+    /// A GET of this path on the upstream.
+    UpstreamPath(String),
+    Tcp(String),
+    Http {
+        url: String,
+        expected_status: Option<u16>,
+    },
+}
+
+impl SidecarConfig {
+    /// The revision `spec` must carry: `sha256:` and the hex digest of its canonical JSON.
+    pub fn revision_of(spec: &CompiledSpec) -> String {
+        // Struct fields serialize in declaration order and there are no maps, so the JSON is
+        // canonical: the same spec always gives the same bytes.
+        let json = serde_json::to_vec(spec).expect("a CompiledSpec always serializes");
+        format!("sha256:{}", hex::encode(Sha256::digest(json)))
+    }
+
+    /// The route that applies when no other does.
+    pub fn default_route(&self) -> &RouteConfig {
+        self.spec.routes.last().expect("compile always adds the default route")
+    }
+}
+
+/// Validates `policy` and compiles it into the sidecar's config.
+pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>> {
+    validate(policy)?;
+    let s = &policy.spec;
+    let upstream_timeout =
+        s.upstream.timeout.as_ref().map_or(defaults::UPSTREAM_TIMEOUT_MS, |d| d.as_millis());
+    let defaults = s.defaults.clone().unwrap_or_default();
+
+    let mut routes: Vec<RouteConfig> = s
+        .routes
+        .iter()
+        .map(|r| {
+            let settings = merge(&r.settings, &defaults);
+            route(
+                r.name.clone(),
+                MatchConfig {
+                    path: match &r.matches.path {
+                        PathMatch { prefix: Some(p), .. } => PathConfig::Prefix(p.clone()),
+                        PathMatch { exact: Some(p), .. } => PathConfig::Exact(p.clone()),
+                        PathMatch { regex: Some(p), .. } => PathConfig::Regex(p.clone()),
+                        _ => unreachable!("validate() requires exactly one path match"),
+                    },
+                    methods: r.matches.methods.clone(),
+                    headers: r
+                        .matches
+                        .headers
+                        .iter()
+                        .map(|h| HeaderMatch { name: h.name.to_ascii_lowercase(), value: h.value.clone() })
+                        .collect(),
+                },
+                &settings,
+                upstream_timeout,
+            )
+        })
+        .collect();
+    routes.push(route(
+        DEFAULT_ROUTE.to_owned(),
+        MatchConfig { path: PathConfig::Any, methods: vec![], headers: vec![] },
+        &defaults,
+        upstream_timeout,
+    ));
+
+    let all_routes: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+    let slos = s
+        .slos
+        .iter()
+        .map(|slo| SloConfig {
+            name: slo.name.clone(),
+            objective: slo.objective,
+            window_ms: slo.window.as_ref().map_or(defaults::SLO_WINDOW_MS, |d| d.as_millis()),
+            indicator: match &slo.indicator.latency {
+                Some(l) => IndicatorConfig::Latency { threshold_ms: l.threshold.as_millis() },
+                None => IndicatorConfig::Availability,
+            },
+            routes: slo.routes.clone().unwrap_or_else(|| all_routes.clone()),
+        })
+        .collect();
+
+    let health_checks = s.health_checks.as_ref().map_or_else(HealthConfig::default, |hc| HealthConfig {
+        upstream: hc.upstream.as_ref().map(|u| {
+            check("upstream".to_owned(), CheckTarget::UpstreamPath(u.path.clone()), true, &u.timing)
+        }),
+        dependencies: hc
+            .dependencies
+            .iter()
+            .map(|d| {
+                let target = match (&d.tcp, &d.http) {
+                    (Some(t), _) => CheckTarget::Tcp(t.address.clone()),
+                    (None, Some(h)) => {
+                        CheckTarget::Http { url: h.url.clone(), expected_status: h.expected_status }
+                    }
+                    (None, None) => unreachable!("validate() requires tcp or http"),
+                };
+                check(d.name.clone(), target, d.critical.unwrap_or(true), &d.timing)
+            })
+            .collect(),
+    });
+
+    let spec = CompiledSpec {
+        upstream: UpstreamConfig {
+            port: s.upstream.port,
+            timeout_ms: upstream_timeout,
+            connect_timeout_ms: s
+                .upstream
+                .connect_timeout
+                .as_ref()
+                .map_or(defaults::CONNECT_TIMEOUT_MS, |d| d.as_millis()),
+            idle_timeout_ms: s
+                .upstream
+                .idle_timeout
+                .as_ref()
+                .map_or(defaults::IDLE_TIMEOUT_MS, |d| d.as_millis()),
+        },
+        trusted_proxies: s.client_ip.as_ref().map(|c| c.trusted_proxies.clone()).unwrap_or_default(),
+        redis: s.redis.as_ref().map(|r| {
+            let urls: Vec<String> =
+                r.url.iter().flat_map(|u| u.split(',')).map(|u| u.trim().to_owned()).collect();
+            RedisConfig {
+                cluster: r.cluster.unwrap_or(urls.len() > 1),
+                urls,
+                secret: r.secret_ref.as_ref().map(|s| SecretConfig {
+                    name: s.name.clone(),
+                    key: s.key.clone().unwrap_or_else(|| defaults::REDIS_SECRET_KEY.to_owned()),
+                }),
+                timeout_ms: r.timeout.as_ref().map_or(defaults::REDIS_TIMEOUT_MS, |d| d.as_millis()),
+            }
+        }),
+        routes,
+        slos,
+        health_checks,
+    };
+    Ok(SidecarConfig {
+        revision: SidecarConfig::revision_of(&spec),
+        policy: PolicyRef {
+            namespace: policy.metadata.namespace.clone(),
+            name: policy.metadata.name.clone().unwrap_or_default(),
+        },
+        spec,
+    })
+}
+
+/// Each setting the route leaves out comes whole from `defaults`.
+fn merge(route: &RouteSettings, defaults: &RouteSettings) -> RouteSettings {
+    RouteSettings {
+        timeout: route.timeout.clone().or_else(|| defaults.timeout.clone()),
+        cache: route.cache.clone().or_else(|| defaults.cache.clone()),
+        rate_limit: route.rate_limit.clone().or_else(|| defaults.rate_limit.clone()),
+        compression: route.compression.clone().or_else(|| defaults.compression.clone()),
+        concurrency_limit: route.concurrency_limit.clone().or_else(|| defaults.concurrency_limit.clone()),
+        max_request_body: route.max_request_body.clone().or_else(|| defaults.max_request_body.clone()),
+    }
+}
+
+fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout: u64) -> RouteConfig {
+    RouteConfig {
+        name,
+        matches,
+        timeout_ms: s.timeout.as_ref().map_or(upstream_timeout, |d| d.as_millis()),
+        max_request_body: s.max_request_body.as_ref().map(|q| q.bytes()),
+        cache: s.cache.as_ref().map(|c| {
+            let private = c.private.unwrap_or(false);
+            let store = c.store.as_ref();
+            CacheConfig {
+                mode: c.mode.unwrap_or_default(),
+                max_age_ms: c.max_age.as_ref().map(|d| d.as_millis()),
+                stale_while_revalidate_ms: c.stale_while_revalidate.as_ref().map_or(0, |d| d.as_millis()),
+                stale_if_error_ms: c.stale_if_error.as_ref().map_or(0, |d| d.as_millis()),
+                private,
+                vary: c.vary.iter().map(|v| v.to_ascii_lowercase()).collect(),
+                etag: c.etag.unwrap_or(true),
+                // A private response is for one client; the sidecar is a shared cache.
+                store: store.and_then(|s| s.enabled).unwrap_or(!private),
+                max_entry_size: store
+                    .and_then(|s| s.max_entry_size.as_ref())
+                    .map_or(defaults::MAX_ENTRY_SIZE, |q| q.bytes()),
+                store_set_cookie: store.and_then(|s| s.store_set_cookie).unwrap_or(false),
+                surrogate_keys: c.surrogate_keys.clone(),
+            }
+        }),
+        rate_limit: s.rate_limit.as_ref().map(|rl| {
+            let per_ms = rl.per.as_millis();
+            RateLimitConfig {
+                algorithm: rl.algorithm.unwrap_or_default(),
+                limit: Limit { requests: rl.requests, per_ms, burst: rl.burst.unwrap_or(rl.requests) },
+                key: match &rl.key {
+                    None => KeyConfig {
+                        client_ip: true,
+                        header: None,
+                        on_missing: MissingKey::Anonymous,
+                        reject_status: defaults::REJECT_STATUS,
+                    },
+                    Some(k) => KeyConfig {
+                        client_ip: k.client_ip.is_some(),
+                        header: k.header.as_ref().map(|h| h.name.to_ascii_lowercase()),
+                        on_missing: k.header.as_ref().and_then(|h| h.on_missing).unwrap_or_default(),
+                        reject_status: k
+                            .header
+                            .as_ref()
+                            .and_then(|h| h.reject_status)
+                            .unwrap_or(defaults::REJECT_STATUS),
+                    },
+                },
+                scope: rl.scope.unwrap_or_default(),
+                mode: rl.mode.unwrap_or_default(),
+                on_store_failure: rl.on_store_failure.unwrap_or_default(),
+                overrides: rl
+                    .overrides
+                    .iter()
+                    .map(|o| OverrideConfig {
+                        values: o.values.clone(),
+                        limit: Limit {
+                            requests: o.requests,
+                            per_ms: o.per.as_ref().map_or(per_ms, |d| d.as_millis()),
+                            burst: o.burst.unwrap_or(o.requests),
+                        },
+                    })
+                    .collect(),
+            }
+        }),
+        compression: s.compression.as_ref().filter(|c| c.enabled != Some(false)).map(|c| CompressionConfig {
+            algorithms: if c.algorithms.is_empty() {
+                defaults::ALGORITHMS.to_vec()
+            } else {
+                c.algorithms.clone()
+            },
+            min_size: c.min_size.as_ref().map_or(defaults::COMPRESSION_MIN_SIZE, |q| q.bytes()),
+            content_types: if c.content_types.is_empty() {
+                defaults::CONTENT_TYPES.iter().map(|s| (*s).to_owned()).collect()
+            } else {
+                c.content_types.iter().map(|s| s.to_ascii_lowercase()).collect()
+            },
+        }),
+        max_in_flight: s.concurrency_limit.as_ref().map(|c| c.max_in_flight),
+    }
+}
+
+fn check(name: String, target: CheckTarget, critical: bool, t: &CheckTiming) -> CheckConfig {
+    CheckConfig {
+        name,
+        target,
+        critical,
+        interval_ms: t.interval.as_ref().map_or(defaults::CHECK_INTERVAL_MS, |d| d.as_millis()),
+        timeout_ms: t.timeout.as_ref().map_or(defaults::CHECK_TIMEOUT_MS, |d| d.as_millis()),
+        unhealthy_threshold: t.unhealthy_threshold.unwrap_or(defaults::UNHEALTHY_THRESHOLD),
+        healthy_threshold: t.healthy_threshold.unwrap_or(defaults::HEALTHY_THRESHOLD),
+    }
+}

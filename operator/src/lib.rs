@@ -1,0 +1,4 @@
+//! The ApiPolicy operator.
+
+pub mod check;
+pub mod cli;

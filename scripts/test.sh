@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what the tests need when it is missing
+# (idempotent), then formatting, lints and every test tier.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- what the tests need on the machine ------------------------------------------------
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nginx >/dev/null || missing+=(nginx)
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- tier 0: formatting and lints ------------------------------------------------------
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# --- tiers 1-3: unit, system and operator tests ----------------------------------------
+cargo test --workspace --locked
