@@ -1,0 +1,142 @@
+//! The command line. Every flag can also come from an `APIPOLICY_*` environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::server::Options;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "apipolicy-sidecar",
+    version,
+    about = "Enforces an ApiPolicy in front of one app: a reverse proxy with the policy's timeouts, limits and metrics",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Worker threads (default: the CPUs this process may use).
+    #[arg(long, env = "APIPOLICY_THREADS", global = true)]
+    pub threads: Option<usize>,
+    /// Log filter, such as `info`, `warn` or `info,access=off`.
+    #[arg(long, env = "APIPOLICY_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a built-in demo products API with the sidecar in front of it.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// An ApiPolicy manifest, or a SidecarConfig compiled by the operator. Watched: valid
+    /// changes apply without dropping connections; invalid ones are refused and logged.
+    #[arg(long, env = "APIPOLICY_POLICY", required = true)]
+    pub policy: Option<PathBuf>,
+    /// The app, as `http://host:port` (default: the policy's `upstream.port` on 127.0.0.1).
+    #[arg(long, env = "APIPOLICY_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Where clients connect.
+    #[arg(long, env = "APIPOLICY_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/config` are served.
+    #[arg(long, env = "APIPOLICY_ADMIN", default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Tuning {
+    /// How often the policy file is checked for changes.
+    #[arg(long, env = "APIPOLICY_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub reload_interval: Duration,
+    /// After SIGTERM, how long to go on accepting while `/readyz` fails.
+    #[arg(long, env = "APIPOLICY_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    pub drain_delay: Duration,
+    /// After the listener closes, how long requests in flight may take to finish.
+    #[arg(long, env = "APIPOLICY_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+    /// Write a JSON access log line per request to stdout.
+    #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The policy (default: examples/quickstart.yaml when present, else a built-in copy).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    s.parse::<apipolicy_api::Duration>().map(|d| d.as_std()).map_err(|e| e.to_string())
+}
+
+impl Tuning {
+    pub fn options(
+        &self,
+        policy: PathBuf,
+        upstream: Option<String>,
+        listen: SocketAddr,
+        admin: SocketAddr,
+    ) -> Options {
+        Options {
+            policy,
+            upstream,
+            listen,
+            admin,
+            reload_interval: self.reload_interval,
+            drain_delay: self.drain_delay,
+            shutdown_timeout: self.shutdown_timeout,
+            access_log: self.access_log,
+        }
+    }
+}
+
+/// Builds the runtime and runs the command.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .map_err(|e| anyhow::anyhow!("--log {:?} is not a log filter: {e}", cli.log))?;
+    // Logs go through a background writer so no request waits on stdout.
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stdout());
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .init();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = cli.threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::Demo(args)) => crate::demo::run(args).await,
+            None => {
+                let run = cli.run;
+                let policy = run.policy.expect("clap requires --policy");
+                let options = run.tuning.options(policy, run.upstream, run.listen, run.admin);
+                let handle = crate::server::start(options).await?;
+                crate::signal::stop_on_signal(&handle).await;
+                handle.wait().await;
+                Ok(())
+            }
+        }
+    })
+}

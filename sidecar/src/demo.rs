@@ -1,0 +1,146 @@
+//! `apipolicy-sidecar demo`: a small products API with the sidecar in front of it.
+
+use std::{
+    convert::Infallible,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+
+use crate::cli::DemoArgs;
+
+const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let app = TcpListener::bind("127.0.0.1:0").await?;
+    let app_addr = app.local_addr()?;
+    tokio::spawn(serve_app(app));
+
+    let policy = match args.policy {
+        Some(p) => p,
+        None if PathBuf::from("examples/quickstart.yaml").exists() => {
+            PathBuf::from("examples/quickstart.yaml")
+        }
+        None => {
+            let p = std::env::temp_dir().join(format!("apipolicy-demo-{}.yaml", std::process::id()));
+            std::fs::write(&p, QUICKSTART)?;
+            p
+        }
+    };
+    let options =
+        args.tuning.options(policy.clone(), Some(format!("http://{app_addr}")), args.listen, args.admin);
+    let handle = crate::server::start(options).await?;
+    let (p, a) = (handle.proxy_addr, handle.admin_addr);
+    eprintln!(
+        "\nApiPolicy demo: the sidecar on http://{p} runs {policy} in front of a demo products API on http://{app_addr}.\n\
+         Edit the policy file and it reloads. Try:\n\n\
+         \x20 curl -i http://{p}/api/products/7                  # proxied, with X-Request-Id\n\
+         \x20 curl -i http://{p}/api/slow                        # the app takes 1.5s, the route allows 1s: 504 problem+json\n\
+         \x20 curl -i http://{p}/api/flaky                       # the app fails one request in five\n\
+         \x20 curl -i -X POST -d 'x' http://{p}/api/auth/login\n\
+         \x20 curl -s http://{a}/metrics | grep '^apipolicy_'\n\
+         \x20 curl -s http://{a}/readyz\n\
+         \x20 curl -s http://{a}/config\n\n\
+         Ctrl-C stops it.\n",
+        policy = policy.display()
+    );
+    crate::signal::stop_on_signal(&handle).await;
+    handle.wait().await;
+    Ok(())
+}
+
+/// The demo app. Public so that tests and benchmarks can use the same upstream.
+pub async fn serve_app(listener: TcpListener) {
+    let app = Arc::new(App::new());
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(app.handle(req).await) }
+        });
+        tokio::spawn(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+    }
+}
+
+struct App {
+    list: Bytes,
+    requests: AtomicU64,
+}
+
+impl App {
+    fn new() -> Self {
+        let items: Vec<serde_json::Value> = (1..=100)
+            .map(|id| {
+                serde_json::json!({
+                    "id": id,
+                    "name": format!("Product {id}"),
+                    "description": "A fine product, described at some length so that the list is worth compressing.",
+                    "priceCents": 199 * id,
+                    "tags": ["demo", if id % 2 == 0 { "even" } else { "odd" }],
+                })
+            })
+            .collect();
+        let list = serde_json::to_vec(&serde_json::json!({"items": items, "total": 100})).unwrap_or_default();
+        Self { list: Bytes::from(list), requests: AtomicU64::new(0) }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        let path = req.uri().path().to_owned();
+        match (req.method(), path.as_str()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => {
+                json(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
+            }
+            (&Method::GET | &Method::HEAD, "/api/products") => json(StatusCode::OK, self.list.clone()),
+            (&Method::GET | &Method::HEAD, "/api/slow") => {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                json(StatusCode::OK, Bytes::from_static(b"{\"report\":\"done\"}"))
+            }
+            (&Method::GET | &Method::HEAD, "/api/flaky") if n.is_multiple_of(5) => {
+                json(StatusCode::INTERNAL_SERVER_ERROR, Bytes::from_static(b"{\"error\":\"flaked\"}"))
+            }
+            (&Method::GET | &Method::HEAD, "/api/flaky") => {
+                json(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
+            }
+            (&Method::POST, "/api/auth/login") => {
+                let _ = req.into_body().collect().await;
+                json(StatusCode::OK, Bytes::from_static(b"{\"token\":\"demo-token\"}"))
+            }
+            (&Method::GET | &Method::HEAD, p) if p.starts_with("/api/products/") => {
+                match p["/api/products/".len()..].parse::<u32>() {
+                    Ok(id @ 1..=100) => json(
+                        StatusCode::OK,
+                        Bytes::from(format!(
+                            "{{\"id\":{id},\"name\":\"Product {id}\",\"priceCents\":{}}}",
+                            199 * id
+                        )),
+                    ),
+                    _ => json(StatusCode::NOT_FOUND, Bytes::from_static(b"{\"error\":\"no such product\"}")),
+                }
+            }
+            _ => json(StatusCode::NOT_FOUND, Bytes::from_static(b"{\"error\":\"not found\"}")),
+        }
+    }
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

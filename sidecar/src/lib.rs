@@ -1,0 +1,13 @@
+//! The ApiPolicy sidecar: a reverse proxy that enforces one ApiPolicy in front of one app.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod signal;
+pub mod state;

@@ -1,0 +1,222 @@
+//! Prometheus metrics. Names and labels are the contract of DESIGN.md; labels stay bounded
+//! (route names from the policy, fixed method names, status codes).
+
+use std::sync::OnceLock;
+
+use http::Method;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Seconds; from half a millisecond (a cache hit) to the longest timeouts.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    config_revision: IntGaugeVec,
+    pub config_reload_errors: IntCounter,
+    pub in_flight: IntGauge,
+    pub connections: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("apipolicy_requests_total", "Requests answered, by route, method and status code."),
+            &["route", "method", "code"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "apipolicy_request_duration_seconds",
+                "Time from the request's arrival to the last byte of the response, as the sidecar sees it.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "apipolicy_upstream_duration_seconds",
+                "Time the upstream took to send its response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let config_revision = IntGaugeVec::new(
+            Opts::new("apipolicy_config_revision_info", "The config revision the sidecar runs (value 1)."),
+            &["revision"],
+        )
+        .expect("valid metric");
+        let config_reload_errors = IntCounter::new(
+            "apipolicy_config_reload_errors_total",
+            "Config files that were refused; the last good config stayed active.",
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new("apipolicy_requests_in_flight", "Requests being handled now.")
+            .expect("valid metric");
+        let connections = IntGauge::new("apipolicy_connections_open", "Client connections open now.")
+            .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(config_revision.clone()),
+            Box::new(config_reload_errors.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(connections.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            config_revision,
+            config_reload_errors,
+            in_flight,
+            connections,
+        }
+    }
+
+    /// Handles for one route, resolved once per config so requests do no label lookups.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        RouteMetrics {
+            name: name.to_owned(),
+            request_duration: self.request_duration.with_label_values(&[name]),
+            upstream_duration: self.upstream_duration.with_label_values(&[name]),
+            codes: CounterCache::default(),
+            requests: self.requests.clone(),
+        }
+    }
+
+    pub fn set_revision(&self, old: Option<&str>, new: &str) {
+        if let Some(old) = old
+            && old != new
+        {
+            let _ = self.config_revision.remove_label_values(&[old]);
+        }
+        self.config_revision.with_label_values(&[new]).set(1);
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct RouteMetrics {
+    pub name: String,
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    codes: CounterCache,
+    requests: IntCounterVec,
+}
+
+impl RouteMetrics {
+    pub fn count(&self, method: &Method, status: u16) {
+        let m = method_index(method);
+        self.codes.inc(status, m, || {
+            let buf = itoa_u16(status);
+            let code = std::str::from_utf8(&buf).unwrap_or("0");
+            self.requests.with_label_values(&[self.name.as_str(), METHODS[m as usize], code])
+        });
+    }
+}
+
+const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER"];
+
+fn method_index(m: &Method) -> u8 {
+    match *m {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::PATCH => 4,
+        Method::DELETE => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+fn itoa_u16(n: u16) -> [u8; 3] {
+    let n = n.min(999);
+    [b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]
+}
+
+/// A lock-free cache of the few (status, method) counters a route really sees, so counting a
+/// request is a short scan and an atomic add instead of a locked label lookup. Each slot is
+/// claimed once; rare combinations past the last slot fall back to the labelled lookup.
+#[derive(Default)]
+struct CounterCache {
+    slots: [OnceLock<(u16, u8, IntCounter)>; 24],
+}
+
+impl CounterCache {
+    fn inc(&self, status: u16, method: u8, make: impl Fn() -> IntCounter) {
+        for slot in &self.slots {
+            let (s, m, c) = match slot.get() {
+                Some(entry) => entry,
+                None => slot.get_or_init(|| (status, method, make())),
+            };
+            if *s == status && *m == method {
+                c.inc();
+                return;
+            }
+        }
+        make().inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_land_on_the_right_series() {
+        let m = Metrics::new();
+        let r = m.route("list");
+        for _ in 0..3 {
+            r.count(&Method::GET, 200);
+        }
+        r.count(&Method::POST, 503);
+        r.count(&Method::from_bytes(b"PURGE").unwrap(), 404);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"apipolicy_requests_total{code="200",method="GET",route="list"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"apipolicy_requests_total{code="503",method="POST",route="list"} 1"#));
+        assert!(text.contains(r#"apipolicy_requests_total{code="404",method="OTHER",route="list"} 1"#));
+    }
+
+    #[test]
+    fn the_cache_overflows_into_labelled_lookups() {
+        let m = Metrics::new();
+        let r = m.route("r");
+        for status in 100..200u16 {
+            r.count(&Method::GET, status);
+            r.count(&Method::GET, status);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"apipolicy_requests_total{code="199",method="GET",route="r"} 2"#));
+        assert!(text.contains(r#"apipolicy_requests_total{code="100",method="GET",route="r"} 2"#));
+    }
+}

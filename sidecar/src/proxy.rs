@@ -1,0 +1,368 @@
+//! The request path. Order of work (DESIGN.md): request id → route match → body limit →
+//! upstream (pooled keep-alive connection, route timeout) → response headers → metrics and
+//! access log when the response body ends. Later stages (rate limit, cache, compression,
+//! SLO accounting) slot in at the places marked below.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+    uri::PathAndQuery,
+};
+use http_body_util::{Either, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    body::ProxyBody,
+    error::ProxyError,
+    state::{Active, RouteRuntime},
+};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The proxy: the active config, swapped whole on reload.
+pub struct Proxy {
+    pub active: ArcSwap<Active>,
+    ids: RequestIds,
+}
+
+impl Proxy {
+    pub fn new(active: Active) -> Self {
+        Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let start = Instant::now();
+        // One snapshot per request: a reload in the middle of it does not change its config.
+        let active = self.active.load_full();
+        let id = self.ids.for_request(req.headers());
+        let index = active.router.route(req.method(), req.uri().path(), req.headers());
+        active.in_flight.inc();
+        let mut finish = Finish {
+            method: req.method().clone(),
+            path: req.uri().path_and_query().cloned(),
+            request_id: id.clone(),
+            route: index,
+            status: 0,
+            start,
+            upstream_ms: None,
+            active: active.clone(),
+        };
+        let route = &active.routes[index];
+
+        // Here: rate limit, then cache lookup (later issues).
+        let mut resp = match forward(&active, route, req, peer, &id, &mut finish).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(&id),
+        };
+        // Here: cache store, ETag, Cache-Control, compression (later issues).
+
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        finish.status = resp.status().as_u16();
+        resp.body_mut().on_finish(finish);
+        resp
+    }
+}
+
+/// Forwards the request to the upstream and returns its response head with the body
+/// streaming behind it.
+async fn forward(
+    active: &Active,
+    route: &RouteRuntime,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    finish: &mut Finish,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(limit) = route.max_body
+        && content_length(req.headers()).is_some_and(|len| len > limit)
+    {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let upgrade = wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 apps expect a Host header.
+        let host = parts.uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
+        match host {
+            Some(Ok(v)) => {
+                parts.headers.insert(header::HOST, v);
+            }
+            _ => return Err(ProxyError::BadRequest("the request has no Host header")),
+        }
+    }
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(active.upstream.scheme.clone());
+    uri.authority = Some(active.upstream.authority.clone());
+    uri.path_and_query = Some(path);
+    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("the request target is invalid"))?;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    append_forwarded(&mut parts.headers, peer);
+    parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+
+    let body = match route.max_body {
+        Some(limit) => Either::Right(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))),
+        None => Either::Left(body),
+    };
+    let sent_at = Instant::now();
+    let timeout_ms = route.timeout.as_millis() as u64;
+    let mut resp =
+        match tokio::time::timeout(route.timeout, active.client.request(Request::from_parts(parts, body)))
+            .await
+        {
+            Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
+            Ok(Err(e)) => return Err(classify(&e, route.max_body)),
+            Ok(Ok(resp)) => resp,
+        };
+    let upstream = sent_at.elapsed();
+    route.metrics.upstream_duration.observe(upstream.as_secs_f64());
+    finish.upstream_ms = Some(upstream.as_secs_f64() * 1000.0);
+
+    if let Some(client_upgrade) = client_upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                    .await;
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp.map(ProxyBody::upstream))
+}
+
+fn classify(e: &hyper_util::client::legacy::Error, limit: Option<u64>) -> ProxyError {
+    if e.is_connect() {
+        return ProxyError::UpstreamUnavailable(chain(e));
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<LengthLimitError>() {
+            return ProxyError::BodyTooLarge { limit: limit.unwrap_or_default() };
+        }
+        source = s.source();
+    }
+    ProxyError::BadGateway(chain(e))
+}
+
+/// An error and its causes, `: `-separated, for problem details and logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, and those the Connection header names.
+/// An upgrade keeps `Connection: upgrade` and `Upgrade`, which are meant for the next hop.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.get_all(header::CONNECTION).iter().any(|v| !is_plain_connection_token(v)) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The usual Connection values name no header beyond the fixed list: skip the scan for them.
+fn is_plain_connection_token(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    b.eq_ignore_ascii_case(b"keep-alive")
+        || b.eq_ignore_ascii_case(b"close")
+        || b.eq_ignore_ascii_case(b"upgrade")
+}
+
+fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+}
+
+/// Request ids: the client's `X-Request-Id` when it is sane, else a new one made of a random
+/// per-process prefix and a counter (unique without coordination, cheap to make).
+struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        Self { prefix: fastrand::u64(..), next: AtomicU64::new(fastrand::u64(..)) }
+    }
+
+    fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
+        if let Some(v) = headers.get(&X_REQUEST_ID)
+            && (1..=128).contains(&v.len())
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        {
+            return v.clone();
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        hex16(self.prefix, &mut buf[..16]);
+        hex16(n, &mut buf[16..]);
+        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+fn hex16(n: u64, out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+/// What is recorded when a response ends: metrics and the access log line.
+pub struct Finish {
+    method: Method,
+    path: Option<PathAndQuery>,
+    request_id: HeaderValue,
+    route: usize,
+    status: u16,
+    start: Instant,
+    upstream_ms: Option<f64>,
+    active: Arc<Active>,
+}
+
+impl Finish {
+    pub fn done(self, bytes: u64) {
+        let elapsed = self.start.elapsed();
+        let route = &self.active.routes[self.route];
+        route.metrics.request_duration.observe(elapsed.as_secs_f64());
+        route.metrics.count(&self.method, self.status);
+        self.active.in_flight.dec();
+        if self.active.access_log {
+            tracing::info!(
+                target: "access",
+                request_id = self.request_id.to_str().unwrap_or_default(),
+                route = route.metrics.name.as_str(),
+                method = self.method.as_str(),
+                path = self.path.as_ref().map_or("/", |p| p.as_str()),
+                status = self.status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream_ms = self.upstream_ms,
+                bytes,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        append_forwarded(&mut h, "[::ffff:10.1.2.3]:5000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let ids = RequestIds::new();
+        let mut h = HeaderMap::new();
+        let a = ids.for_request(&h);
+        let b = ids.for_request(&h);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(ids.for_request(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(ids.for_request(&h), "has space");
+    }
+}

@@ -1,0 +1,293 @@
+//! Starting, reloading and stopping the sidecar.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use apipolicy_api::{SidecarConfig, manifest::load_sidecar_config};
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    metrics::Metrics,
+    proxy::Proxy,
+    state::{Active, Upstream},
+};
+
+/// How to run the sidecar (the command line, less logging and threads).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub policy: PathBuf,
+    pub upstream: Option<String>,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub reload_interval: Duration,
+    /// After a stop signal, how long to keep accepting while `/readyz` fails, so that load
+    /// balancers stop sending new requests first.
+    pub drain_delay: Duration,
+    /// How long requests in flight may take to finish after the listener closes.
+    pub shutdown_timeout: Duration,
+    pub access_log: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the policy file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the policy file {path} is invalid:\n{problems}")]
+    Invalid { path: PathBuf, problems: String },
+    #[error("{0}")]
+    Upstream(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// What the listeners share.
+pub struct Sidecar {
+    pub proxy: Proxy,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+    upstream: Option<Upstream>,
+    options: Options,
+}
+
+impl Sidecar {
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A running sidecar.
+pub struct Handle {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub sidecar: Arc<Sidecar>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Handle {
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the sidecar has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<(String, SidecarConfig), StartError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| StartError::Read { path: path.clone(), source })?;
+    let config = load_sidecar_config(&text).map_err(|problems| StartError::Invalid {
+        path: path.clone(),
+        problems: problems
+            .iter()
+            .map(|p| format!("  {}: {}: {}", p.document, p.path, p.message))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })?;
+    Ok((text, config))
+}
+
+/// Loads the policy, binds both listeners and serves until [`Handle::shutdown`].
+pub async fn start(options: Options) -> Result<Handle, StartError> {
+    let (text, config) = read_config(&options.policy)?;
+    let upstream =
+        options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
+    let metrics = Metrics::new();
+    let active = Active::build(config, upstream.as_ref(), &metrics, None, options.access_log)
+        .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
+    metrics.set_revision(None, &active.config.revision);
+    tracing::info!(revision = %active.config.revision, policy = %options.policy.display(), "config loaded");
+    warn_unenforced(&active.config);
+
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: options.listen, source })?;
+    let admin = TcpListener::bind(options.admin)
+        .await
+        .map_err(|source| StartError::Listen { addr: options.admin, source })?;
+    let proxy_addr = listener.local_addr().expect("a bound listener has an address");
+    let admin_addr = admin.local_addr().expect("a bound listener has an address");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, upstream = %active.upstream.authority, "listening");
+
+    let sidecar = Arc::new(Sidecar {
+        proxy: Proxy::new(active),
+        metrics,
+        draining: AtomicBool::new(false),
+        upstream,
+        options: options.clone(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run(sidecar.clone(), listener, admin, stopped, text));
+    Ok(Handle { proxy_addr, admin_addr, sidecar, stop, task })
+}
+
+async fn run(
+    sidecar: Arc<Sidecar>,
+    listener: TcpListener,
+    admin: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    text: String,
+) {
+    let reload = tokio::spawn(watch_policy(sidecar.clone(), text));
+    let admin_task = tokio::spawn(serve_admin(sidecar.clone(), admin));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+    let graceful = GracefulShutdown::new();
+
+    let mut drain_started: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = drain_started.map(|t| t + sidecar.options.drain_delay);
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let sc = sidecar.clone();
+                let service = service_fn(move |req| {
+                    let sc = sc.clone();
+                    async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                let open = sidecar.metrics.connections.clone();
+                open.inc();
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    open.dec();
+                });
+            }
+            _ = stop.changed(), if drain_started.is_none() => {
+                sidecar.draining.store(true, Ordering::Relaxed);
+                tracing::info!(delay_ms = sidecar.options.drain_delay.as_millis() as u64, "draining: /readyz now fails");
+                drain_started = Some(tokio::time::Instant::now());
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+        }
+    }
+    drop(listener);
+    let in_flight = graceful.count();
+    tracing::info!(connections = in_flight, "listener closed; waiting for requests in flight");
+    if tokio::time::timeout(sidecar.options.shutdown_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            timeout_ms = sidecar.options.shutdown_timeout.as_millis() as u64,
+            "requests still in flight at the shutdown deadline were cut"
+        );
+    }
+    reload.abort();
+    admin_task.abort();
+    tracing::info!("stopped");
+}
+
+async fn serve_admin(sidecar: Arc<Sidecar>, listener: TcpListener) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let sc = sidecar.clone();
+        let service = service_fn(move |req| {
+            let sc = sc.clone();
+            async move { Ok::<_, Infallible>(crate::admin::handle(sc, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        tokio::spawn(conn);
+    }
+}
+
+/// Polls the policy file and swaps in each valid change. Polling, not inotify, because
+/// Kubernetes updates ConfigMap volumes by swapping a symlink, which file watches miss.
+async fn watch_policy(sidecar: Arc<Sidecar>, mut last_text: String) {
+    let path = sidecar.options.policy.clone();
+    let mut tick = tokio::time::interval(sidecar.options.reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                if !last_text.is_empty() {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the policy file; keeping the active config");
+                    sidecar.metrics.config_reload_errors.inc();
+                    last_text.clear();
+                }
+                continue;
+            }
+        };
+        if text == last_text {
+            continue;
+        }
+        last_text = text;
+        apply(&sidecar, &last_text);
+    }
+}
+
+fn apply(sidecar: &Sidecar, text: &str) {
+    let path = sidecar.options.policy.display();
+    let config = match load_sidecar_config(text) {
+        Ok(c) => c,
+        Err(problems) => {
+            sidecar.metrics.config_reload_errors.inc();
+            for p in &problems {
+                tracing::warn!(path = %path, document = %p.document, field = %p.path, problem = %p.message, "policy refused; keeping the last good config");
+            }
+            return;
+        }
+    };
+    let current = sidecar.proxy.active.load_full();
+    if config.revision == current.config.revision {
+        return;
+    }
+    match Active::build(
+        config,
+        sidecar.upstream.as_ref(),
+        &sidecar.metrics,
+        Some(&current),
+        sidecar.options.access_log,
+    ) {
+        Ok(active) => {
+            let revision = active.config.revision.clone();
+            sidecar.proxy.active.store(Arc::new(active));
+            sidecar.metrics.set_revision(Some(&current.config.revision), &revision);
+            tracing::info!(path = %path, from = %current.config.revision, to = %revision, "config reloaded");
+            warn_unenforced(&sidecar.proxy.active.load().config);
+        }
+        Err(e) => {
+            sidecar.metrics.config_reload_errors.inc();
+            tracing::warn!(path = %path, error = %e, "policy refused; keeping the last good config");
+        }
+    }
+}
+
+fn warn_unenforced(config: &SidecarConfig) {
+    for (feature, route) in crate::state::unenforced(config) {
+        tracing::warn!(feature, route, "this sidecar build does not enforce this policy feature yet");
+    }
+}
