@@ -7,6 +7,7 @@ pub mod duration;
 pub mod manifest;
 pub mod quantity;
 pub mod report;
+pub mod slo;
 mod types;
 mod validate;
 

@@ -749,12 +749,17 @@ pub struct SloStatus {
     pub last_updated: Option<String>,
 }
 
-/// The state of an SLO, by the SRE workbook's multi-window, multi-burn-rate rules.
+/// The state of an SLO, by the SRE workbook's multi-window, multi-burn-rate rules. Ordered
+/// from best to worst, so the worst of several is their maximum.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, JsonSchema)]
 pub enum SloState {
+    /// Within budget and not burning fast.
     #[default]
     Healthy,
+    /// Burning fast enough to open a ticket: the 1d and 2h rates over 3, or 3d and 6h over 1.
     Warning,
-    Critical,
+    /// No error budget left over the window.
     Exhausted,
+    /// Burning fast enough to page: the 1h and 5m rates over 14.4, or 6h and 30m over 6.
+    Critical,
 }
