@@ -140,7 +140,12 @@ impl SloSeries {
     pub fn minute_buckets_since(&self, since_ms: u64) -> Vec<Bucket> {
         self.minutes
             .range(since_ms / MINUTE_MS..)
-            .map(|(m, c)| Bucket { start_ms: m * MINUTE_MS, width_ms: MINUTE_MS, good: c.good, total: c.total })
+            .map(|(m, c)| Bucket {
+                start_ms: m * MINUTE_MS,
+                width_ms: MINUTE_MS,
+                good: c.good,
+                total: c.total,
+            })
             .collect()
     }
 }

@@ -66,6 +66,10 @@ pub struct Tuning {
     /// Write a JSON access log line per request to stdout.
     #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by (in a
+    /// cluster the operator sends it; this is for local mode).
+    #[arg(long, env = "APIPOLICY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +106,7 @@ impl Tuning {
             drain_delay: self.drain_delay,
             shutdown_timeout: self.shutdown_timeout,
             access_log: self.access_log,
+            replicas: self.replicas,
         }
     }
 }

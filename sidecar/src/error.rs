@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::ProxyBody;
+use crate::{body::ProxyBody, ratelimit::Applied};
 
 /// Why the sidecar answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,12 @@ pub enum ProxyError {
     BadGateway(String),
     #[error("the request could not be forwarded: {0}")]
     BadRequest(&'static str),
+    #[error("too many requests: this route's rate limit allows the next one in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64, headers: Box<Applied> },
+    #[error("this route is limited per {header} header, and the request has none")]
+    MissingKey { header: String, status: u16 },
+    #[error("this route already has {max_in_flight} requests in flight; retry shortly")]
+    Overloaded { max_in_flight: u32 },
 }
 
 impl ProxyError {
@@ -29,6 +35,11 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::MissingKey { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
+            }
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -40,6 +51,9 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "upstream-unavailable",
             Self::BadGateway(_) => "bad-gateway",
             Self::BadRequest(_) => "bad-request",
+            Self::RateLimited { .. } => "rate-limited",
+            Self::MissingKey { .. } => "missing-rate-limit-key",
+            Self::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -50,11 +64,31 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "Upstream unavailable",
             Self::BadGateway(_) => "Bad gateway",
             Self::BadRequest(_) => "Bad request",
+            Self::RateLimited { .. } => "Too many requests",
+            Self::MissingKey { .. } => "Rate limit key missing",
+            Self::Overloaded { .. } => "Overloaded",
         }
     }
 
+    /// Answers the sidecar gave because the policy worked as meant (a limit, shedding), which
+    /// SLOs leave out.
+    pub fn is_policy(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::MissingKey { .. } | Self::Overloaded { .. })
+    }
+
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
-        problem(self.status(), self.slug(), self.title(), &self.to_string(), request_id)
+        let mut resp = problem(self.status(), self.slug(), self.title(), &self.to_string(), request_id);
+        match self {
+            Self::RateLimited { retry_after_s, headers } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                headers.write(resp.headers_mut());
+            }
+            Self::Overloaded { .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        resp
     }
 }
 

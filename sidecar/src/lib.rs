@@ -3,10 +3,12 @@
 pub mod admin;
 pub mod body;
 pub mod cli;
+pub mod clientip;
 pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod signal;

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub config_reload_errors: IntCounter,
     pub in_flight: IntGauge,
     pub connections: IntGauge,
+    ratelimit_decisions: IntCounterVec,
+    shed: IntCounterVec,
+    route_in_flight: IntGaugeVec,
 }
 
 impl Metrics {
@@ -65,6 +68,30 @@ impl Metrics {
             .expect("valid metric");
         let connections = IntGauge::new("apipolicy_connections_open", "Client connections open now.")
             .expect("valid metric");
+        let ratelimit_decisions = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_ratelimit_decisions_total",
+                "Rate-limit decisions: allowed, limited (429), or shadow_limited (would have been limited; Shadow mode).",
+            ),
+            &["route", "decision"],
+        )
+        .expect("valid metric");
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_shed_total",
+                "Requests refused with 503 because the route's maxInFlight was reached.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let route_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "apipolicy_route_in_flight",
+                "Requests of a route with a concurrency limit in flight now.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -73,6 +100,9 @@ impl Metrics {
             Box::new(config_reload_errors.clone()),
             Box::new(in_flight.clone()),
             Box::new(connections.clone()),
+            Box::new(ratelimit_decisions.clone()),
+            Box::new(shed.clone()),
+            Box::new(route_in_flight.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -86,7 +116,21 @@ impl Metrics {
             config_reload_errors,
             in_flight,
             connections,
+            ratelimit_decisions,
+            shed,
+            route_in_flight,
         }
+    }
+
+    /// The allowed, limited and shadow_limited counters of a route.
+    pub fn ratelimit_decisions(&self, route: &str) -> (IntCounter, IntCounter, IntCounter) {
+        let c = |d| self.ratelimit_decisions.with_label_values(&[route, d]);
+        (c("allowed"), c("limited"), c("shadow_limited"))
+    }
+
+    /// The shed counter and in-flight gauge of a route with a concurrency limit.
+    pub fn shedding(&self, route: &str) -> (IntCounter, IntGauge) {
+        (self.shed.with_label_values(&[route]), self.route_in_flight.with_label_values(&[route]))
     }
 
     /// Handles for one route, resolved once per config so requests do no label lookups.

@@ -59,16 +59,38 @@ impl Proxy {
             status: 0,
             start,
             upstream_ms: None,
+            holds_slot: false,
+            policy_answer: false,
             active: active.clone(),
         };
         let route = &active.routes[index];
 
-        // Here: rate limit, then cache lookup (later issues).
-        let mut resp = match forward(&active, route, req, peer, &id, &mut finish).await {
+        let mut limit_headers = None;
+        let outcome = async {
+            // Rate limit first: a refused request costs nothing further.
+            if let Some(limiter) = &route.limiter {
+                limit_headers = limiter.check(req.headers(), peer, &active.trusted)?;
+            }
+            // Here: cache lookup (a later issue); a hit never takes a concurrency slot.
+            // Shedding guards the app, so it sits right before the upstream call.
+            if let Some(c) = &route.concurrency {
+                c.admit()?;
+                finish.holds_slot = true;
+            }
+            forward(&active, route, req, peer, &id, &mut finish).await
+        }
+        .await;
+        let mut resp = match outcome {
             Ok(resp) => resp,
-            Err(e) => e.into_response(&id),
+            Err(e) => {
+                finish.policy_answer = e.is_policy();
+                e.into_response(&id)
+            }
         };
         // Here: cache store, ETag, Cache-Control, compression (later issues).
+        if let Some(applied) = limit_headers {
+            applied.write(resp.headers_mut());
+        }
 
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();
@@ -289,6 +311,11 @@ pub struct Finish {
     status: u16,
     start: Instant,
     upstream_ms: Option<f64>,
+    /// The request holds one of its route's `maxInFlight` slots until the response ends.
+    holds_slot: bool,
+    /// The sidecar answered because the policy worked as meant (429, shedding): SLOs leave
+    /// such requests out.
+    policy_answer: bool,
     active: Arc<Active>,
 }
 
@@ -299,6 +326,11 @@ impl Finish {
         route.metrics.request_duration.observe(elapsed.as_secs_f64());
         route.metrics.count(&self.method, self.status);
         self.active.in_flight.dec();
+        if self.holds_slot
+            && let Some(c) = &route.concurrency
+        {
+            c.release();
+        }
         if self.active.access_log {
             tracing::info!(
                 target: "access",

@@ -39,6 +39,8 @@ pub struct Options {
     /// How long requests in flight may take to finish after the listener closes.
     pub shutdown_timeout: Duration,
     pub access_log: bool,
+    /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by.
+    pub replicas: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +111,9 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
     let upstream =
         options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
     let metrics = Metrics::new();
-    let active = Active::build(config, upstream.as_ref(), &metrics, None, options.access_log)
-        .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
+    let active =
+        Active::build(config, upstream.as_ref(), &metrics, None, options.access_log, options.replicas)
+            .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
     metrics.set_revision(None, &active.config.revision);
     tracing::info!(revision = %active.config.revision, policy = %options.policy.display(), "config loaded");
     warn_unenforced(&active.config);
@@ -145,6 +148,7 @@ async fn run(
     text: String,
 ) {
     let reload = tokio::spawn(watch_policy(sidecar.clone(), text));
+    let sweep = tokio::spawn(sweep_limiters(sidecar.clone()));
     let admin_task = tokio::spawn(serve_admin(sidecar.clone(), admin));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -201,8 +205,21 @@ async fn run(
         );
     }
     reload.abort();
+    sweep.abort();
     admin_task.abort();
     tracing::info!("stopped");
+}
+
+/// Forgets idle rate-limit keys every few seconds, so memory follows the keys in use.
+async fn sweep_limiters(sidecar: Arc<Sidecar>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let active = sidecar.proxy.active.load_full();
+        for limiter in active.routes.iter().filter_map(|r| r.limiter.as_ref()) {
+            limiter.sweep();
+        }
+    }
 }
 
 async fn serve_admin(sidecar: Arc<Sidecar>, listener: TcpListener) {
@@ -271,6 +288,7 @@ fn apply(sidecar: &Sidecar, text: &str) {
         &sidecar.metrics,
         Some(&current),
         sidecar.options.access_log,
+        current.replicas,
     ) {
         Ok(active) => {
             let revision = active.config.revision.clone();

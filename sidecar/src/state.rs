@@ -1,7 +1,13 @@
 //! The active configuration: everything a request needs, built once per config revision and
 //! swapped atomically on reload (requests in flight keep the snapshot they started with).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use apipolicy_api::SidecarConfig;
 use http::uri::{Authority, Scheme};
@@ -9,11 +15,14 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 
 use crate::{
     body::UpstreamBody,
+    clientip::TrustedProxies,
+    error::ProxyError,
     metrics::{Metrics, RouteMetrics},
+    ratelimit::RouteLimiter,
     routes::{Router, RouterError},
 };
 
@@ -27,12 +36,45 @@ pub struct Active {
     pub client: UpstreamClient,
     pub in_flight: IntGauge,
     pub access_log: bool,
+    pub trusted: TrustedProxies,
+    /// The replica count `scope: Replicas` limits divide by.
+    pub replicas: u32,
 }
 
 pub struct RouteRuntime {
+    pub name: String,
     pub timeout: Duration,
     pub max_body: Option<u64>,
     pub metrics: RouteMetrics,
+    pub limiter: Option<RouteLimiter>,
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A route's cap on requests in flight. The count carries over a reload that keeps the route,
+/// so a reload cannot let twice the cap through.
+pub struct Concurrency {
+    max: u32,
+    count: Arc<AtomicU32>,
+    gauge: IntGauge,
+    shed: IntCounter,
+}
+
+impl Concurrency {
+    /// Takes a slot, or refuses at once: nothing queues.
+    pub fn admit(&self) -> Result<(), ProxyError> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            self.shed.inc();
+            return Err(ProxyError::Overloaded { max_in_flight: self.max });
+        }
+        self.gauge.inc();
+        Ok(())
+    }
+
+    pub fn release(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
 }
 
 /// Where requests go: `--upstream`, or the policy's port on the pod's loopback address.
@@ -86,16 +128,38 @@ impl Active {
         metrics: &Metrics,
         previous: Option<&Active>,
         access_log: bool,
+        replicas: u32,
     ) -> Result<Self, BuildError> {
         let router = Router::new(&config.spec)?;
+        let before = |name: &str| previous.and_then(|p| p.routes.iter().find(|r| r.name == name));
         let routes = config
             .spec
             .routes
             .iter()
-            .map(|r| RouteRuntime {
-                timeout: Duration::from_millis(r.timeout_ms),
-                max_body: r.max_request_body,
-                metrics: metrics.route(&r.name),
+            .map(|r| {
+                let prior = before(&r.name);
+                RouteRuntime {
+                    name: r.name.clone(),
+                    timeout: Duration::from_millis(r.timeout_ms),
+                    max_body: r.max_request_body,
+                    metrics: metrics.route(&r.name),
+                    limiter: r.rate_limit.as_ref().map(|rl| {
+                        RouteLimiter::new(
+                            &r.name,
+                            rl,
+                            replicas,
+                            metrics,
+                            prior.and_then(|p| p.limiter.as_ref()),
+                        )
+                    }),
+                    concurrency: r.max_in_flight.map(|max| {
+                        let (shed, gauge) = metrics.shedding(&r.name);
+                        let count = prior
+                            .and_then(|p| p.concurrency.as_ref())
+                            .map_or_else(|| Arc::new(AtomicU32::new(0)), |c| c.count.clone());
+                        Concurrency { max, count, gauge, shed }
+                    }),
+                }
             })
             .collect();
         let upstream =
@@ -109,6 +173,7 @@ impl Active {
             }
             _ => client(&config),
         };
+        let config_trusted = config.spec.trusted_proxies.clone();
         Ok(Self {
             config,
             router,
@@ -117,6 +182,8 @@ impl Active {
             client,
             in_flight: metrics.in_flight.clone(),
             access_log,
+            trusted: TrustedProxies::new(&config_trusted),
+            replicas: replicas.max(1),
         })
     }
 }
@@ -144,9 +211,11 @@ pub fn unenforced(config: &SidecarConfig) -> Vec<(&'static str, &str)> {
     for r in &config.spec.routes {
         for (feature, set) in [
             ("cache", r.cache.is_some()),
-            ("rateLimit", r.rate_limit.is_some()),
+            (
+                "rateLimit scope Global",
+                r.rate_limit.as_ref().is_some_and(|l| l.scope == apipolicy_api::Scope::Global),
+            ),
             ("compression", r.compression.is_some()),
-            ("concurrencyLimit", r.max_in_flight.is_some()),
         ] {
             if set {
                 out.push((feature, r.name.as_str()));

@@ -222,6 +222,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(5),
         access_log: false,
+        replicas: 1,
     }
 }
 

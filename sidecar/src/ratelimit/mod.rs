@@ -1,0 +1,244 @@
+//! Rate limits: who a request counts against, whether it may pass, and the headers that tell
+//! the client (IETF `RateLimit-Policy`/`RateLimit` and the common `X-RateLimit-*`).
+
+pub mod algo;
+pub mod local;
+
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use apipolicy_api::{LimitMode, MissingKey, RateLimitConfig, Scope};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus::IntCounter;
+
+use crate::{
+    clientip::{Client, TrustedProxies},
+    error::ProxyError,
+    metrics::Metrics,
+};
+use algo::{Decision, Params};
+use local::LocalStore;
+
+/// Keys a pod-scope limiter keeps at most (per route); about 40 bytes each.
+pub const MAX_KEYS: usize = 1 << 20;
+
+static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Nanoseconds on the sidecar's monotonic clock.
+pub fn now_ns() -> u64 {
+    START.elapsed().as_nanos() as u64
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// One route's limiter, rebuilt on reload; its store is kept when the limit did not change.
+pub struct RouteLimiter {
+    route: String,
+    pub config: RateLimitConfig,
+    /// The parameters for everyone, then one per override.
+    params: Vec<Params>,
+    /// Override value → index into `params`.
+    overrides: HashMap<String, usize>,
+    /// One store per entry of `params`, so each key's idleness is judged by its own limit.
+    stores: Vec<Arc<LocalStore>>,
+    /// `RateLimit-Policy` and `X-RateLimit-Limit`, per entry of `params`.
+    policy_headers: Vec<(HeaderValue, HeaderValue)>,
+    allowed: IntCounter,
+    limited: IntCounter,
+    shadow_limited: IntCounter,
+}
+
+/// Headers for a response the limit applied to.
+#[derive(Debug)]
+pub struct Applied {
+    headers: [(HeaderName, HeaderValue); 5],
+}
+
+impl Applied {
+    pub fn write(self, headers: &mut HeaderMap) {
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+    }
+}
+
+impl RouteLimiter {
+    /// `replicas` divides the limit for `scope: Replicas`; `previous` is this route's limiter in
+    /// the config before, whose counts carry over when the limit is the same.
+    pub fn new(
+        route: &str,
+        config: &RateLimitConfig,
+        replicas: u32,
+        metrics: &Metrics,
+        previous: Option<&RouteLimiter>,
+    ) -> Self {
+        let share = if config.scope == Scope::Replicas { replicas } else { 1 };
+        let mut params =
+            vec![Params::new(config.limit.requests, config.limit.per_ms, config.limit.burst, share)];
+        let mut limits = vec![config.limit];
+        let mut overrides = HashMap::new();
+        for o in &config.overrides {
+            params.push(Params::new(o.limit.requests, o.limit.per_ms, o.limit.burst, share));
+            limits.push(o.limit);
+            for v in &o.values {
+                overrides.insert(v.clone(), params.len() - 1);
+            }
+        }
+        let sliding = config.algorithm == apipolicy_api::Algorithm::SlidingWindow;
+        let policy_headers = params
+            .iter()
+            .zip(&limits)
+            .map(|(p, l)| {
+                let window_s = l.per_ms.div_ceil(1000).max(1);
+                let policy = format!("\"{route}\";q={};w={window_s}", l.requests);
+                let limit = if sliding { p.requests } else { p.capacity };
+                (
+                    HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("\"default\"")),
+                    HeaderValue::from(limit),
+                )
+            })
+            .collect();
+        let stores = match previous {
+            Some(prev) if prev.config == *config && prev.params == params => prev.stores.clone(),
+            _ => params.iter().map(|_| Arc::new(LocalStore::new(config.algorithm, MAX_KEYS))).collect(),
+        };
+        let decisions = metrics.ratelimit_decisions(route);
+        Self {
+            route: route.to_owned(),
+            config: config.clone(),
+            params,
+            overrides,
+            stores,
+            policy_headers,
+            allowed: decisions.0,
+            limited: decisions.1,
+            shadow_limited: decisions.2,
+        }
+    }
+
+    /// Decides one request. `Ok(None)`: the limit does not show (shadow mode).
+    pub fn check(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        trusted: &TrustedProxies,
+    ) -> Result<Option<Applied>, ProxyError> {
+        let key = &self.config.key;
+        let header = key.header.as_deref().map(|name| headers.get(name));
+        if let Some(None) = header
+            && self.config.key.on_missing == MissingKey::Reject
+        {
+            return Err(ProxyError::MissingKey {
+                header: key.header.clone().unwrap_or_default(),
+                status: key.reject_status,
+            });
+        }
+        let client = key.client_ip.then(|| trusted.client(peer, headers));
+        let header = header.flatten();
+        // An override matches the header value, else the client address.
+        let which = header
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| self.overrides.get(v))
+            .or_else(|| match client {
+                Some(Client::Ip(ip)) if !self.overrides.is_empty() => self.overrides.get(&ip.to_string()),
+                Some(Client::Raw(raw)) => self.overrides.get(raw),
+                _ => None,
+            })
+            .copied()
+            .unwrap_or(0);
+        let hashed = SEED.hash_one((client, header.map(HeaderValue::as_bytes)));
+        let decision = self.stores[which].decide(hashed, &self.params[which], now_ns());
+        self.finish(decision, which)
+    }
+
+    fn finish(&self, d: Decision, which: usize) -> Result<Option<Applied>, ProxyError> {
+        let shadow = self.config.mode == LimitMode::Shadow;
+        if d.allowed {
+            self.allowed.inc();
+        } else if shadow {
+            self.shadow_limited.inc();
+        } else {
+            self.limited.inc();
+        }
+        if shadow {
+            return Ok(None);
+        }
+        let (policy, limit) = &self.policy_headers[which];
+        let reset_s = d.reset_ns.div_ceil(1_000_000_000);
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let applied = Applied {
+            headers: [
+                (RATELIMIT_POLICY.clone(), policy.clone()),
+                (
+                    RATELIMIT.clone(),
+                    HeaderValue::from_str(&format!("\"{}\";r={};t={reset_s}", self.route, d.remaining))
+                        .unwrap_or(HeaderValue::from_static("\"default\"")),
+                ),
+                (X_LIMIT.clone(), limit.clone()),
+                (X_REMAINING.clone(), HeaderValue::from(d.remaining)),
+                (X_RESET.clone(), HeaderValue::from(epoch + reset_s)),
+            ],
+        };
+        if d.allowed {
+            Ok(Some(applied))
+        } else {
+            Err(ProxyError::RateLimited {
+                retry_after_s: d.retry_after_ns.div_ceil(1_000_000_000).max(1),
+                headers: Box::new(applied),
+            })
+        }
+    }
+
+    /// Forgets idle keys.
+    pub fn sweep(&self) {
+        let now = now_ns();
+        for (store, params) in self.stores.iter().zip(&self.params) {
+            store.sweep(params, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep judges each key by its own limit: the busy key of an override with a shorter
+    /// memory than the base limit (and the other way round) must not be forgotten.
+    #[test]
+    fn a_sweep_forgets_only_idle_keys() {
+        let config: RateLimitConfig = serde_json::from_value(serde_json::json!({
+            "algorithm": "TokenBucket",
+            "limit": {"requests": 1, "perMs": 60_000, "burst": 2},
+            "key": {"clientIp": false, "header": "x-api-key", "onMissing": "Anonymous", "rejectStatus": 401},
+            "scope": "Pod", "mode": "Enforce", "onStoreFailure": "LocalFallback",
+            "overrides": [{"values": ["gold"], "limit": {"requests": 4, "perMs": 60_000, "burst": 4}}]
+        }))
+        .unwrap();
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let trusted = TrustedProxies::default();
+        let mut plain = HeaderMap::new();
+        plain.insert("x-api-key", HeaderValue::from_static("plain"));
+        let mut gold = HeaderMap::new();
+        gold.insert("x-api-key", HeaderValue::from_static("gold"));
+        assert!(limiter.check(&plain, peer, &trusted).is_ok());
+        for _ in 0..3 {
+            assert!(limiter.check(&gold, peer, &trusted).is_ok());
+        }
+        limiter.sweep();
+        assert!(limiter.check(&plain, peer, &trusted).is_ok());
+        assert!(limiter.check(&plain, peer, &trusted).is_err(), "the plain key kept its count");
+        assert!(limiter.check(&gold, peer, &trusted).is_ok());
+        assert!(limiter.check(&gold, peer, &trusted).is_err(), "the gold key kept its count");
+    }
+}
