@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # --- what the tests need on the machine ------------------------------------------------
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v nginx >/dev/null || missing+=(nginx)
+command -v redis-server >/dev/null || missing+=(redis-server)   # Global rate limits, Redis Cluster
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v promtool >/dev/null || missing+=(prometheus)         # promtool check metrics
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

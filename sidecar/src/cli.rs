@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/config` are served.
     #[arg(long, env = "APIPOLICY_ADMIN", default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
+    /// Redis for `scope: Global` limits (over `spec.redis.url`, e.g. from a Secret); several
+    /// comma-separated URLs are the seed nodes of a Redis Cluster.
+    #[arg(long, env = "APIPOLICY_REDIS")]
+    pub redis: Option<String>,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -107,6 +111,7 @@ impl Tuning {
             shutdown_timeout: self.shutdown_timeout,
             access_log: self.access_log,
             replicas: self.replicas,
+            redis: None,
         }
     }
 }
@@ -136,7 +141,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             None => {
                 let run = cli.run;
                 let policy = run.policy.expect("clap requires --policy");
-                let options = run.tuning.options(policy, run.upstream, run.listen, run.admin);
+                let mut options = run.tuning.options(policy, run.upstream, run.listen, run.admin);
+                options.redis = run.redis;
                 let handle = crate::server::start(options).await?;
                 crate::signal::stop_on_signal(&handle).await;
                 handle.wait().await;

@@ -25,6 +25,8 @@ pub enum ProxyError {
     MissingKey { header: String, status: u16 },
     #[error("this route already has {max_in_flight} requests in flight; retry shortly")]
     Overloaded { max_in_flight: u32 },
+    #[error("the rate-limit store is unavailable and this route fails closed: {0}")]
+    LimitStoreUnavailable(String),
 }
 
 impl ProxyError {
@@ -39,7 +41,7 @@ impl ProxyError {
             Self::MissingKey { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
             }
-            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -54,6 +56,7 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate-limited",
             Self::MissingKey { .. } => "missing-rate-limit-key",
             Self::Overloaded { .. } => "overloaded",
+            Self::LimitStoreUnavailable(_) => "rate-limit-store-unavailable",
         }
     }
 
@@ -67,6 +70,7 @@ impl ProxyError {
             Self::RateLimited { .. } => "Too many requests",
             Self::MissingKey { .. } => "Rate limit key missing",
             Self::Overloaded { .. } => "Overloaded",
+            Self::LimitStoreUnavailable(_) => "Rate limit store unavailable",
         }
     }
 
@@ -83,7 +87,7 @@ impl ProxyError {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
                 headers.write(resp.headers_mut());
             }
-            Self::Overloaded { .. } => {
+            Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -26,6 +26,8 @@ pub struct Metrics {
     ratelimit_decisions: IntCounterVec,
     shed: IntCounterVec,
     route_in_flight: IntGaugeVec,
+    redis_errors: IntCounter,
+    redis_latency: Histogram,
 }
 
 impl Metrics {
@@ -92,6 +94,19 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
+        let redis_errors = IntCounter::new(
+            "apipolicy_ratelimit_store_errors_total",
+            "Redis calls of scope: Global limits that failed, timed out or were skipped by the circuit breaker.",
+        )
+        .expect("valid metric");
+        let redis_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "apipolicy_ratelimit_store_duration_seconds",
+                "Time of one Redis rate-limit call.",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -103,6 +118,8 @@ impl Metrics {
             Box::new(ratelimit_decisions.clone()),
             Box::new(shed.clone()),
             Box::new(route_in_flight.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_latency.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -119,7 +136,14 @@ impl Metrics {
             ratelimit_decisions,
             shed,
             route_in_flight,
+            redis_errors,
+            redis_latency,
         }
+    }
+
+    /// The Redis error counter and call latency histogram.
+    pub fn redis(&self) -> (IntCounter, Histogram) {
+        (self.redis_errors.clone(), self.redis_latency.clone())
     }
 
     /// The allowed, limited and shadow_limited counters of a route.

@@ -69,7 +69,7 @@ impl Proxy {
         let outcome = async {
             // Rate limit first: a refused request costs nothing further.
             if let Some(limiter) = &route.limiter {
-                limit_headers = limiter.check(req.headers(), peer, &active.trusted)?;
+                limit_headers = limiter.check(req.headers(), peer, &active.trusted).await?;
             }
             // Here: cache lookup (a later issue); a hit never takes a concurrency slot.
             // Shedding guards the app, so it sits right before the upstream call.

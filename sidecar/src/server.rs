@@ -22,7 +22,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     metrics::Metrics,
     proxy::Proxy,
-    state::{Active, Upstream},
+    state::{Active, Settings, Upstream},
 };
 
 /// How to run the sidecar (the command line, less logging and threads).
@@ -41,6 +41,9 @@ pub struct Options {
     pub access_log: bool,
     /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by.
     pub replicas: u32,
+    /// Redis for `scope: Global` limits, over `spec.redis.url`; several comma-separated URLs
+    /// are the seed nodes of a Redis Cluster.
+    pub redis: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +63,7 @@ pub struct Sidecar {
     pub proxy: Proxy,
     pub metrics: Metrics,
     draining: AtomicBool,
-    upstream: Option<Upstream>,
+    settings: Settings,
     options: Options,
 }
 
@@ -111,9 +114,14 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
     let upstream =
         options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
     let metrics = Metrics::new();
-    let active =
-        Active::build(config, upstream.as_ref(), &metrics, None, options.access_log, options.replicas)
-            .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
+    let settings = Settings {
+        upstream,
+        redis: options.redis.clone(),
+        metrics: metrics.clone(),
+        access_log: options.access_log,
+    };
+    let active = Active::build(config, &settings, None, options.replicas)
+        .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
     metrics.set_revision(None, &active.config.revision);
     tracing::info!(revision = %active.config.revision, policy = %options.policy.display(), "config loaded");
     warn_unenforced(&active.config);
@@ -132,7 +140,7 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
         proxy: Proxy::new(active),
         metrics,
         draining: AtomicBool::new(false),
-        upstream,
+        settings,
         options: options.clone(),
     });
     let (stop, stopped) = watch::channel(false);
@@ -282,14 +290,7 @@ fn apply(sidecar: &Sidecar, text: &str) {
     if config.revision == current.config.revision {
         return;
     }
-    match Active::build(
-        config,
-        sidecar.upstream.as_ref(),
-        &sidecar.metrics,
-        Some(&current),
-        sidecar.options.access_log,
-        current.replicas,
-    ) {
+    match Active::build(config, &sidecar.settings, Some(&current), current.replicas) {
         Ok(active) => {
             let revision = active.config.revision.clone();
             sidecar.proxy.active.store(Arc::new(active));

@@ -22,7 +22,7 @@ use crate::{
     clientip::TrustedProxies,
     error::ProxyError,
     metrics::{Metrics, RouteMetrics},
-    ratelimit::RouteLimiter,
+    ratelimit::{RouteLimiter, redis::RedisStore},
     routes::{Router, RouterError},
 };
 
@@ -39,6 +39,64 @@ pub struct Active {
     pub trusted: TrustedProxies,
     /// The replica count `scope: Replicas` limits divide by.
     pub replicas: u32,
+    /// The store of `scope: Global` limits, when a route has one.
+    pub redis: Option<Arc<RedisStore>>,
+}
+
+/// What stays the same across config reloads.
+pub struct Settings {
+    /// `--upstream`, over the policy's port.
+    pub upstream: Option<Upstream>,
+    /// `--redis`, over `spec.redis.url` (the way a Secret's URL arrives).
+    pub redis: Option<String>,
+    pub metrics: Metrics,
+    pub access_log: bool,
+}
+
+/// The Redis store for this config: the previous one when its address did not change.
+fn redis_store(
+    config: &SidecarConfig,
+    settings: &Settings,
+    previous: Option<&Active>,
+) -> Option<Arc<RedisStore>> {
+    let global = config
+        .spec
+        .routes
+        .iter()
+        .filter_map(|r| r.rate_limit.as_ref())
+        .any(|l| l.scope == apipolicy_api::Scope::Global);
+    if !global {
+        return None;
+    }
+    let spec = config.spec.redis.as_ref();
+    let urls: Vec<String> = match &settings.redis {
+        Some(flag) => flag.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+        None => spec.map(|r| r.urls.clone()).unwrap_or_default(),
+    };
+    if urls.is_empty() {
+        tracing::warn!(
+            "scope: Global limits need Redis: pass --redis (APIPOLICY_REDIS) with the URL from spec.redis.secretRef; until then onStoreFailure applies"
+        );
+        return None;
+    }
+    let cluster = spec.is_some_and(|r| r.cluster) || urls.len() > 1;
+    let timeout =
+        Duration::from_millis(spec.map_or(apipolicy_api::defaults::REDIS_TIMEOUT_MS, |r| r.timeout_ms));
+    if let Some(prev) = previous.and_then(|p| p.redis.as_ref())
+        && prev.urls == urls
+        && prev.cluster == cluster
+        && prev.timeout == timeout
+    {
+        return Some(prev.clone());
+    }
+    let (errors, latency) = settings.metrics.redis();
+    match RedisStore::new(urls, cluster, timeout, errors, latency) {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the Redis address is invalid; onStoreFailure applies");
+            None
+        }
+    }
 }
 
 pub struct RouteRuntime {
@@ -124,13 +182,17 @@ impl Active {
     /// connections) is taken over from `previous` when its settings did not change.
     pub fn build(
         config: SidecarConfig,
-        upstream_override: Option<&Upstream>,
-        metrics: &Metrics,
+        settings: &Settings,
         previous: Option<&Active>,
-        access_log: bool,
         replicas: u32,
     ) -> Result<Self, BuildError> {
+        let metrics = &settings.metrics;
+        let access_log = settings.access_log;
+        let upstream_override = settings.upstream.as_ref();
         let router = Router::new(&config.spec)?;
+        let redis = redis_store(&config, settings, previous);
+        let scope =
+            format!("{}/{}", config.policy.namespace.as_deref().unwrap_or("default"), config.policy.name);
         let before = |name: &str| previous.and_then(|p| p.routes.iter().find(|r| r.name == name));
         let routes = config
             .spec
@@ -144,12 +206,15 @@ impl Active {
                     max_body: r.max_request_body,
                     metrics: metrics.route(&r.name),
                     limiter: r.rate_limit.as_ref().map(|rl| {
+                        let global =
+                            (rl.scope == apipolicy_api::Scope::Global).then(|| redis.clone()).flatten();
                         RouteLimiter::new(
                             &r.name,
                             rl,
                             replicas,
                             metrics,
                             prior.and_then(|p| p.limiter.as_ref()),
+                            global.map(|store| (store, format!("{scope}/{}", r.name))),
                         )
                     }),
                     concurrency: r.max_in_flight.map(|max| {
@@ -184,6 +249,7 @@ impl Active {
             access_log,
             trusted: TrustedProxies::new(&config_trusted),
             replicas: replicas.max(1),
+            redis,
         })
     }
 }
@@ -209,14 +275,7 @@ fn client(config: &SidecarConfig) -> UpstreamClient {
 pub fn unenforced(config: &SidecarConfig) -> Vec<(&'static str, &str)> {
     let mut out = Vec::new();
     for r in &config.spec.routes {
-        for (feature, set) in [
-            ("cache", r.cache.is_some()),
-            (
-                "rateLimit scope Global",
-                r.rate_limit.as_ref().is_some_and(|l| l.scope == apipolicy_api::Scope::Global),
-            ),
-            ("compression", r.compression.is_some()),
-        ] {
+        for (feature, set) in [("cache", r.cache.is_some()), ("compression", r.compression.is_some())] {
             if set {
                 out.push((feature, r.name.as_str()));
             }

@@ -3,6 +3,7 @@
 
 pub mod algo;
 pub mod local;
+pub mod redis;
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use apipolicy_api::{LimitMode, MissingKey, RateLimitConfig, Scope};
+use apipolicy_api::{LimitMode, MissingKey, RateLimitConfig, Scope, StoreFailure};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::IntCounter;
 
@@ -23,11 +24,15 @@ use crate::{
 };
 use algo::{Decision, Params};
 use local::LocalStore;
+use redis::RedisStore;
 
 /// Keys a pod-scope limiter keeps at most (per route); about 40 bytes each.
 pub const MAX_KEYS: usize = 1 << 20;
 
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
+/// Global keys are hashed alike in every pod; a collision would only make two clients share a
+/// count, never cost Redis more.
+static GLOBAL_KEYS: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x6170_6970_6f6c_6963);
 static START: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Nanoseconds on the sidecar's monotonic clock.
@@ -53,6 +58,8 @@ pub struct RouteLimiter {
     stores: Vec<Arc<LocalStore>>,
     /// `RateLimit-Policy` and `X-RateLimit-Limit`, per entry of `params`.
     policy_headers: Vec<(HeaderValue, HeaderValue)>,
+    /// `scope: Global`: the Redis store and this route's key prefix.
+    global: Option<(Arc<RedisStore>, String)>,
     allowed: IntCounter,
     limited: IntCounter,
     shadow_limited: IntCounter,
@@ -81,6 +88,7 @@ impl RouteLimiter {
         replicas: u32,
         metrics: &Metrics,
         previous: Option<&RouteLimiter>,
+        global: Option<(Arc<RedisStore>, String)>,
     ) -> Self {
         let share = if config.scope == Scope::Replicas { replicas } else { 1 };
         let mut params =
@@ -120,6 +128,7 @@ impl RouteLimiter {
             overrides,
             stores,
             policy_headers,
+            global,
             allowed: decisions.0,
             limited: decisions.1,
             shadow_limited: decisions.2,
@@ -127,7 +136,7 @@ impl RouteLimiter {
     }
 
     /// Decides one request. `Ok(None)`: the limit does not show (shadow mode).
-    pub fn check(
+    pub async fn check(
         &self,
         headers: &HeaderMap,
         peer: SocketAddr,
@@ -156,9 +165,31 @@ impl RouteLimiter {
             })
             .copied()
             .unwrap_or(0);
-        let hashed = SEED.hash_one((client, header.map(HeaderValue::as_bytes)));
-        let decision = self.stores[which].decide(hashed, &self.params[which], now_ns());
-        self.finish(decision, which)
+        let material = (client, header.map(HeaderValue::as_bytes));
+        let Some((store, scope)) = &self.global else {
+            let decision = self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+            return self.finish(decision, which);
+        };
+        // Every pod must name a key alike: a fixed hash, not this process's random one.
+        let key = format!("apipolicy:{{{scope}/{which}/{:016x}}}", GLOBAL_KEYS.hash_one(material));
+        match store.decide(self.config.algorithm, &key, &self.params[which]).await {
+            Ok(decision) => self.finish(decision, which),
+            Err(e) => {
+                tracing::debug!(error = %e, "rate-limit store failure");
+                match self.config.on_store_failure {
+                    StoreFailure::FailOpen => {
+                        self.allowed.inc();
+                        Ok(None)
+                    }
+                    StoreFailure::FailClosed => Err(ProxyError::LimitStoreUnavailable(e.to_string())),
+                    StoreFailure::LocalFallback => {
+                        let decision =
+                            self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+                        self.finish(decision, which)
+                    }
+                }
+            }
+        }
     }
 
     fn finish(&self, d: Decision, which: usize) -> Result<Option<Applied>, ProxyError> {
@@ -214,8 +245,8 @@ mod tests {
 
     /// A sweep judges each key by its own limit: the busy key of an override with a shorter
     /// memory than the base limit (and the other way round) must not be forgotten.
-    #[test]
-    fn a_sweep_forgets_only_idle_keys() {
+    #[tokio::test]
+    async fn a_sweep_forgets_only_idle_keys() {
         let config: RateLimitConfig = serde_json::from_value(serde_json::json!({
             "algorithm": "TokenBucket",
             "limit": {"requests": 1, "perMs": 60_000, "burst": 2},
@@ -224,21 +255,21 @@ mod tests {
             "overrides": [{"values": ["gold"], "limit": {"requests": 4, "perMs": 60_000, "burst": 4}}]
         }))
         .unwrap();
-        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None);
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let trusted = TrustedProxies::default();
         let mut plain = HeaderMap::new();
         plain.insert("x-api-key", HeaderValue::from_static("plain"));
         let mut gold = HeaderMap::new();
         gold.insert("x-api-key", HeaderValue::from_static("gold"));
-        assert!(limiter.check(&plain, peer, &trusted).is_ok());
+        assert!(limiter.check(&plain, peer, &trusted).await.is_ok());
         for _ in 0..3 {
-            assert!(limiter.check(&gold, peer, &trusted).is_ok());
+            assert!(limiter.check(&gold, peer, &trusted).await.is_ok());
         }
         limiter.sweep();
-        assert!(limiter.check(&plain, peer, &trusted).is_ok());
-        assert!(limiter.check(&plain, peer, &trusted).is_err(), "the plain key kept its count");
-        assert!(limiter.check(&gold, peer, &trusted).is_ok());
-        assert!(limiter.check(&gold, peer, &trusted).is_err(), "the gold key kept its count");
+        assert!(limiter.check(&plain, peer, &trusted).await.is_ok());
+        assert!(limiter.check(&plain, peer, &trusted).await.is_err(), "the plain key kept its count");
+        assert!(limiter.check(&gold, peer, &trusted).await.is_ok());
+        assert!(limiter.check(&gold, peer, &trusted).await.is_err(), "the gold key kept its count");
     }
 }

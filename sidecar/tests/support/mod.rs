@@ -223,6 +223,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         shutdown_timeout: Duration::from_secs(5),
         access_log: false,
         replicas: 1,
+        redis: None,
     }
 }
 
