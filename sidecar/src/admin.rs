@@ -1,4 +1,4 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/config`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/slo`, `/config`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -8,7 +8,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::server::Sidecar;
+use crate::{health::Status, server::Sidecar};
 
 pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
@@ -22,6 +22,10 @@ pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<F
             );
             resp
         }
+        (&Method::GET | &Method::HEAD, "/slo") => {
+            let active = sidecar.proxy.active.load_full();
+            json_response(StatusCode::OK, &sidecar.settings.slos.document(&active.slos))
+        }
         (&Method::GET | &Method::HEAD, "/config") => {
             let active = sidecar.proxy.active.load();
             json_response(
@@ -29,35 +33,48 @@ pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<F
                 &json!({"revision": active.config.revision, "upstream": active.upstream.authority.as_str(), "config": active.config}),
             )
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/slo") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /metrics or /config\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /metrics, /slo or /config\n"),
     }
 }
 
-/// Ready when the config is loaded (always, once started), the sidecar is not draining, and
-/// the upstream accepts connections.
+/// Ready when the config is loaded (always, once started), the sidecar is not draining, the
+/// upstream is healthy (its active check, or else a TCP connect now) and every critical
+/// dependency is up. The body lists every check.
 async fn readyz(sidecar: &Sidecar) -> Response<Full<Bytes>> {
     let active = sidecar.proxy.active.load_full();
     let draining = sidecar.draining();
-    let address = active.upstream.address();
-    let timeout = Duration::from_millis(active.config.spec.upstream.connect_timeout_ms);
-    let upstream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("cannot connect to {address}: {e}")),
-        Err(_) => Err(format!("no connection to {address} within {} ms", timeout.as_millis())),
+    let health = &active.health;
+    let mut checks = Vec::new();
+    let upstream_up = match &health.upstream_check {
+        Some(check) => check.status() == Status::Up,
+        None => {
+            let address = active.upstream.address();
+            let timeout = Duration::from_millis(active.config.spec.upstream.connect_timeout_ms);
+            let probe = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {address}: {e}")),
+                Err(_) => Err(format!("no connection to {address} within {} ms", timeout.as_millis())),
+            };
+            checks.push(json!({
+                "name": "upstream",
+                "status": if probe.is_ok() { "up" } else { "down" },
+                "critical": true,
+                "lastError": probe.as_ref().err(),
+                "target": format!("tcp {address}"),
+            }));
+            probe.is_ok()
+        }
     };
-    let ready = !draining && upstream.is_ok();
+    checks.extend(health.reports().into_iter().map(|r| serde_json::to_value(r).unwrap_or_default()));
+    let ready = !draining && upstream_up && health.dependencies_ready();
     let body = json!({
         "ready": ready,
         "revision": active.config.revision,
         "draining": draining,
-        "checks": [{
-            "name": "upstream",
-            "up": upstream.is_ok(),
-            "error": upstream.err(),
-        }],
+        "checks": checks,
     });
     json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }

@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 
 use http::Method;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Seconds; from half a millisecond (a cache hit) to the longest timeouts.
@@ -28,6 +28,22 @@ pub struct Metrics {
     route_in_flight: IntGaugeVec,
     redis_errors: IntCounter,
     redis_latency: Histogram,
+    health_up: IntGaugeVec,
+    health_duration: HistogramVec,
+    slo_requests: IntCounterVec,
+    slo_excluded: IntCounterVec,
+    slo_budget: GaugeVec,
+    slo_burn: GaugeVec,
+}
+
+/// The series of one SLO.
+pub struct SloMetrics {
+    pub good: IntCounter,
+    pub bad: IntCounter,
+    pub excluded: IntCounter,
+    pub budget: Gauge,
+    /// In the order of `apipolicy_api::slo::BURN_WINDOWS`.
+    pub burn: Vec<Gauge>,
 }
 
 impl Metrics {
@@ -107,6 +123,49 @@ impl Metrics {
             .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
         )
         .expect("valid metric");
+        let health_up = IntGaugeVec::new(
+            Opts::new(
+                "apipolicy_health_check_up",
+                "1 when the health check is up, 0 when it is down or has no result yet.",
+            ),
+            &["check"],
+        )
+        .expect("valid metric");
+        let health_duration = HistogramVec::new(
+            HistogramOpts::new("apipolicy_health_check_duration_seconds", "Time one health check took.")
+                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            &["check"],
+        )
+        .expect("valid metric");
+        let slo_requests = IntCounterVec::new(
+            Opts::new("apipolicy_slo_requests_total", "Requests an SLO counted, good or bad."),
+            &["slo", "result"],
+        )
+        .expect("valid metric");
+        let slo_excluded = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_slo_excluded_requests_total",
+                "Requests an SLO left out: the sidecar's own 429s, load-shedding 503s and missing-key refusals.",
+            ),
+            &["slo"],
+        )
+        .expect("valid metric");
+        let slo_budget = GaugeVec::new(
+            Opts::new(
+                "apipolicy_slo_error_budget_remaining",
+                "Error budget left over the SLO window, in percent (floored at -100), as this pod sees it.",
+            ),
+            &["slo"],
+        )
+        .expect("valid metric");
+        let slo_burn = GaugeVec::new(
+            Opts::new(
+                "apipolicy_slo_burn_rate",
+                "Error budget burn rate over a window, as this pod sees it (1 = on budget).",
+            ),
+            &["slo", "window"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -120,6 +179,12 @@ impl Metrics {
             Box::new(route_in_flight.clone()),
             Box::new(redis_errors.clone()),
             Box::new(redis_latency.clone()),
+            Box::new(health_up.clone()),
+            Box::new(health_duration.clone()),
+            Box::new(slo_requests.clone()),
+            Box::new(slo_excluded.clone()),
+            Box::new(slo_budget.clone()),
+            Box::new(slo_burn.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -138,6 +203,41 @@ impl Metrics {
             route_in_flight,
             redis_errors,
             redis_latency,
+            health_up,
+            health_duration,
+            slo_requests,
+            slo_excluded,
+            slo_budget,
+            slo_burn,
+        }
+    }
+
+    pub fn health_check(&self, check: &str) -> (IntGauge, Histogram) {
+        (self.health_up.with_label_values(&[check]), self.health_duration.with_label_values(&[check]))
+    }
+
+    pub fn slo(&self, slo: &str) -> SloMetrics {
+        SloMetrics {
+            good: self.slo_requests.with_label_values(&[slo, "good"]),
+            bad: self.slo_requests.with_label_values(&[slo, "bad"]),
+            excluded: self.slo_excluded.with_label_values(&[slo]),
+            budget: self.slo_budget.with_label_values(&[slo]),
+            burn: apipolicy_api::slo::BURN_WINDOWS
+                .iter()
+                .map(|(w, _)| self.slo_burn.with_label_values(&[slo, w]))
+                .collect(),
+        }
+    }
+
+    /// Drops the series of an SLO that left the config.
+    pub fn forget_slo(&self, slo: &str) {
+        for result in ["good", "bad"] {
+            let _ = self.slo_requests.remove_label_values(&[slo, result]);
+        }
+        let _ = self.slo_excluded.remove_label_values(&[slo]);
+        let _ = self.slo_budget.remove_label_values(&[slo]);
+        for (w, _) in apipolicy_api::slo::BURN_WINDOWS {
+            let _ = self.slo_burn.remove_label_values(&[slo, w]);
         }
     }
 

@@ -324,6 +324,10 @@ impl Finish {
         let elapsed = self.start.elapsed();
         let route = &self.active.routes[self.route];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        for i in &self.active.route_slos[self.route] {
+            self.active.slos[*i].record(self.status, elapsed_ms, self.policy_answer);
+        }
         route.metrics.count(&self.method, self.status);
         self.active.in_flight.dec();
         if self.holds_slot
@@ -339,7 +343,7 @@ impl Finish {
                 method = self.method.as_str(),
                 path = self.path.as_ref().map_or("/", |p| p.as_str()),
                 status = self.status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                duration_ms = elapsed_ms,
                 upstream_ms = self.upstream_ms,
                 bytes,
             );

@@ -22,6 +22,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     metrics::Metrics,
     proxy::Proxy,
+    slo::Slos,
     state::{Active, Settings, Upstream},
 };
 
@@ -63,7 +64,7 @@ pub struct Sidecar {
     pub proxy: Proxy,
     pub metrics: Metrics,
     draining: AtomicBool,
-    settings: Settings,
+    pub settings: Settings,
     options: Options,
 }
 
@@ -114,11 +115,13 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
     let upstream =
         options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
     let metrics = Metrics::new();
+    let slos = Arc::new(Slos::new(metrics.clone()));
     let settings = Settings {
         upstream,
         redis: options.redis.clone(),
         metrics: metrics.clone(),
         access_log: options.access_log,
+        slos: slos.clone(),
     };
     let active = Active::build(config, &settings, None, options.replicas)
         .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
@@ -157,6 +160,7 @@ async fn run(
 ) {
     let reload = tokio::spawn(watch_policy(sidecar.clone(), text));
     let sweep = tokio::spawn(sweep_limiters(sidecar.clone()));
+    let slo_task = tokio::spawn(sidecar.settings.slos.clone().run());
     let admin_task = tokio::spawn(serve_admin(sidecar.clone(), admin));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -214,6 +218,7 @@ async fn run(
     }
     reload.abort();
     sweep.abort();
+    slo_task.abort();
     admin_task.abort();
     tracing::info!("stopped");
 }

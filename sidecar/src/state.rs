@@ -21,9 +21,11 @@ use crate::{
     body::UpstreamBody,
     clientip::TrustedProxies,
     error::ProxyError,
+    health::Health,
     metrics::{Metrics, RouteMetrics},
     ratelimit::{RouteLimiter, redis::RedisStore},
     routes::{Router, RouterError},
+    slo::{Slos, Tracker},
 };
 
 pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
@@ -41,6 +43,10 @@ pub struct Active {
     pub replicas: u32,
     /// The store of `scope: Global` limits, when a route has one.
     pub redis: Option<Arc<RedisStore>>,
+    pub health: Arc<Health>,
+    /// The SLOs, in config order, and for each route the ones that count it.
+    pub slos: Vec<Arc<Tracker>>,
+    pub route_slos: Vec<Vec<usize>>,
 }
 
 /// What stays the same across config reloads.
@@ -51,6 +57,7 @@ pub struct Settings {
     pub redis: Option<String>,
     pub metrics: Metrics,
     pub access_log: bool,
+    pub slos: Arc<Slos>,
 }
 
 /// The Redis store for this config: the previous one when its address did not change.
@@ -239,6 +246,28 @@ impl Active {
             _ => client(&config),
         };
         let config_trusted = config.spec.trusted_proxies.clone();
+        let health = match previous {
+            Some(p) if p.health.config == config.spec.health_checks && p.health.upstream == upstream => {
+                p.health.clone()
+            }
+            _ => Arc::new(Health::start(&config.spec.health_checks, &upstream, metrics)),
+        };
+        let slos = settings.slos.apply(&config);
+        let route_slos = config
+            .spec
+            .routes
+            .iter()
+            .map(|r| {
+                config
+                    .spec
+                    .slos
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.routes.contains(&r.name))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
         Ok(Self {
             config,
             router,
@@ -250,6 +279,9 @@ impl Active {
             trusted: TrustedProxies::new(&config_trusted),
             replicas: replicas.max(1),
             redis,
+            health,
+            slos,
+            route_slos,
         })
     }
 }
@@ -280,12 +312,6 @@ pub fn unenforced(config: &SidecarConfig) -> Vec<(&'static str, &str)> {
                 out.push((feature, r.name.as_str()));
             }
         }
-    }
-    if !config.spec.slos.is_empty() {
-        out.push(("slos", "*"));
-    }
-    if config.spec.health_checks.upstream.is_some() || !config.spec.health_checks.dependencies.is_empty() {
-        out.push(("healthChecks", "*"));
     }
     out
 }

@@ -2,6 +2,7 @@
 
 mod global;
 mod limits;
+mod slos;
 mod support;
 
 use std::{
@@ -142,7 +143,8 @@ async fn a_dead_upstream_gets_503_quickly_and_readyz_fails() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(r["ready"], false);
-    assert!(r["checks"][0]["error"].as_str().unwrap().contains(&addr.to_string()));
+    assert_eq!(r["checks"][0]["status"], "down");
+    assert!(r["checks"][0]["lastError"].as_str().unwrap().contains(&addr.to_string()));
     let (status, _, _) = get(&client(), format!("http://{}/healthz", sc.admin_addr)).await;
     assert_eq!(status, StatusCode::OK, "a dead upstream must not get the sidecar restarted");
 }
@@ -318,7 +320,7 @@ async fn admin_endpoints() {
     let (status, _, body) = get(&c, format!("http://{}/readyz", sc.admin_addr)).await;
     assert_eq!(status, StatusCode::OK);
     let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!((r["ready"].as_bool(), r["checks"][0]["up"].as_bool()), (Some(true), Some(true)));
+    assert_eq!((r["ready"].as_bool(), r["checks"][0]["status"].as_str()), (Some(true), Some("up")));
     let (_, _, body) = get(&c, format!("http://{}/config", sc.admin_addr)).await;
     let cfg: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(cfg["config"]["spec"]["routes"][0]["name"], "slow");
