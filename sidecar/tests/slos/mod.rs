@@ -158,7 +158,6 @@ async fn dependencies_flip_readyz_within_interval_times_threshold() {
         }
     };
     let wait_for = |want: StatusCode, within: Duration| {
-        let readyz = readyz;
         async move {
             let t = Instant::now();
             loop {
