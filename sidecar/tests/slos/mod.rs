@@ -157,17 +157,15 @@ async fn dependencies_flip_readyz_within_interval_times_threshold() {
             (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
         }
     };
-    let wait_for = |want: StatusCode, within: Duration| {
-        async move {
-            let t = Instant::now();
-            loop {
-                let (status, body) = readyz().await;
-                if status == want {
-                    return (t.elapsed(), body);
-                }
-                assert!(t.elapsed() < within, "readyz stayed {status} for {:?}: {body}", t.elapsed());
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    let wait_for = |want: StatusCode, within: Duration| async move {
+        let t = Instant::now();
+        loop {
+            let (status, body) = readyz().await;
+            if status == want {
+                return (t.elapsed(), body);
             }
+            assert!(t.elapsed() < within, "readyz stayed {status} for {:?}: {body}", t.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let (_, body) = wait_for(StatusCode::OK, Duration::from_secs(2)).await;
