@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::server::Options;
+use crate::{agent::AgentOptions, server::Options};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +52,21 @@ pub struct RunArgs {
     /// comma-separated URLs are the seed nodes of a Redis Cluster.
     #[arg(long, env = "APIPOLICY_REDIS")]
     pub redis: Option<String>,
+    /// The operator's agent API (`https://…`), for instant config updates and SLO reports.
+    #[arg(long, env = "APIPOLICY_OPERATOR")]
+    pub operator: Option<http::Uri>,
+    /// The projected service-account token sent to the operator.
+    #[arg(long, env = "APIPOLICY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The CA that signs the operator's certificate.
+    #[arg(long, env = "APIPOLICY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// This pod's name, for SLO reports (the injector sets it from the downward API).
+    #[arg(long, env = "POD_NAME", default_value = "local")]
+    pub pod_name: String,
+    /// How often SLO counters are reported to the operator.
+    #[arg(long, env = "APIPOLICY_REPORT_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub report_interval: Duration,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -112,6 +127,7 @@ impl Tuning {
             access_log: self.access_log,
             replicas: self.replicas,
             redis: None,
+            operator: None,
         }
     }
 }
@@ -143,6 +159,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 let policy = run.policy.expect("clap requires --policy");
                 let mut options = run.tuning.options(policy, run.upstream, run.listen, run.admin);
                 options.redis = run.redis;
+                options.operator = run.operator.map(|url| AgentOptions {
+                    url,
+                    token_file: run.token_file,
+                    ca_file: run.ca_file,
+                    pod: run.pod_name,
+                    report_interval: run.report_interval,
+                });
                 let handle = crate::server::start(options).await?;
                 crate::signal::stop_on_signal(&handle).await;
                 handle.wait().await;

@@ -1,6 +1,7 @@
 //! The ApiPolicy sidecar: a reverse proxy that enforces one ApiPolicy in front of one app.
 
 pub mod admin;
+pub mod agent;
 pub mod body;
 pub mod cli;
 pub mod clientip;

@@ -20,6 +20,7 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
+    agent::{Agent, AgentOptions},
     metrics::Metrics,
     proxy::Proxy,
     slo::Slos,
@@ -45,6 +46,8 @@ pub struct Options {
     /// Redis for `scope: Global` limits, over `spec.redis.url`; several comma-separated URLs
     /// are the seed nodes of a Redis Cluster.
     pub redis: Option<String>,
+    /// The operator's agent API, for config updates and SLO reports.
+    pub operator: Option<AgentOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +164,16 @@ async fn run(
     let reload = tokio::spawn(watch_policy(sidecar.clone(), text));
     let sweep = tokio::spawn(sweep_limiters(sidecar.clone()));
     let slo_task = tokio::spawn(sidecar.settings.slos.clone().run());
+    let agent_task = match &sidecar.options.operator {
+        Some(o) => match Agent::new(o.clone()) {
+            Ok(agent) => Some(tokio::spawn(Arc::new(agent).run(sidecar.clone()))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot talk to the operator; running on the policy file alone");
+                None
+            }
+        },
+        None => None,
+    };
     let admin_task = tokio::spawn(serve_admin(sidecar.clone(), admin));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -219,6 +232,9 @@ async fn run(
     reload.abort();
     sweep.abort();
     slo_task.abort();
+    if let Some(t) = agent_task {
+        t.abort();
+    }
     admin_task.abort();
     tracing::info!("stopped");
 }
@@ -291,21 +307,32 @@ fn apply(sidecar: &Sidecar, text: &str) {
             return;
         }
     };
+    let replicas = sidecar.proxy.active.load().replicas;
+    apply_config(sidecar, config, replicas, &path.to_string());
+}
+
+/// Swaps in `config` (from the policy file or the operator) unless it is what runs already.
+pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, source: &str) {
     let current = sidecar.proxy.active.load_full();
-    if config.revision == current.config.revision {
+    if config.revision == current.config.revision && replicas == current.replicas {
         return;
     }
-    match Active::build(config, &sidecar.settings, Some(&current), current.replicas) {
+    if config.revision != SidecarConfig::revision_of(&config.spec) {
+        sidecar.metrics.config_reload_errors.inc();
+        tracing::warn!(source, revision = %config.revision, "config refused: its revision does not match its content");
+        return;
+    }
+    match Active::build(config, &sidecar.settings, Some(&current), replicas) {
         Ok(active) => {
             let revision = active.config.revision.clone();
             sidecar.proxy.active.store(Arc::new(active));
             sidecar.metrics.set_revision(Some(&current.config.revision), &revision);
-            tracing::info!(path = %path, from = %current.config.revision, to = %revision, "config reloaded");
+            tracing::info!(source, from = %current.config.revision, to = %revision, replicas, "config applied");
             warn_unenforced(&sidecar.proxy.active.load().config);
         }
         Err(e) => {
             sidecar.metrics.config_reload_errors.inc();
-            tracing::warn!(path = %path, error = %e, "policy refused; keeping the last good config");
+            tracing::warn!(source, error = %e, "config refused; keeping the last good one");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The sidecar over real sockets: a real upstream, the real sidecar, real clients.
 
+mod agent;
 mod global;
 mod limits;
 mod slos;

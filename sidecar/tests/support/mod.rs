@@ -224,6 +224,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         access_log: false,
         replicas: 1,
         redis: None,
+        operator: None,
     }
 }
 
