@@ -1,8 +1,8 @@
 //! The command line: one command with a subcommand per job.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use kube::CustomResourceExt;
 
 #[derive(Parser, Debug)]
@@ -14,6 +14,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the operator: the controller, the agent API and the metrics endpoint, in the cluster
+    /// or outside it with KUBECONFIG.
+    Run(RunArgs),
     /// Print the ApiPolicy CustomResourceDefinition as YAML.
     Crd,
     /// Check ApiPolicy manifests offline; directories are searched for *.yaml and *.yml.
@@ -24,8 +27,62 @@ pub enum Command {
     },
 }
 
+/// Flags of `run`; each also reads the environment variable named beside it.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Where the injection webhook listens (HTTPS). The webhook server itself comes with the
+    /// injection issue; the flag is accepted now so that manifests need not change.
+    #[arg(long, env = "APIPOLICY_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: SocketAddr,
+    /// Where the agent API listens (HTTPS unless --insecure-agent-api).
+    #[arg(long, env = "APIPOLICY_AGENT_ADDR", default_value = "0.0.0.0:8444")]
+    pub agent_addr: SocketAddr,
+    /// Where /metrics, /healthz and /readyz are served (plain HTTP).
+    #[arg(long, env = "APIPOLICY_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Outside the cluster: the URL the webhook configuration points at instead of the Service.
+    #[arg(long, env = "APIPOLICY_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Serve the agent API over plain HTTP without checking tokens. Local development only:
+    /// anyone who reaches the port can read configs and write SLO reports.
+    #[arg(long, env = "APIPOLICY_INSECURE_AGENT_API")]
+    pub insecure_agent_api: bool,
+    /// The agent API's certificate chain (PEM), reloaded when the file changes. Without it a
+    /// certificate is generated at start.
+    #[arg(long, env = "APIPOLICY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "APIPOLICY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The namespace of the leader-election Lease and of the operator's Service. Default: the
+    /// namespace of the in-cluster service account, or the kubeconfig context's.
+    #[arg(long, env = "APIPOLICY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// This replica's name in the Lease. Default: the host name and a random suffix.
+    #[arg(long, env = "APIPOLICY_IDENTITY")]
+    pub identity: Option<String>,
+}
+
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Run(args) => {
+            init_tracing();
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: starting the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::run::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "the operator stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd => {
             print!("{}", crd_yaml());
             ExitCode::SUCCESS
@@ -42,6 +99,13 @@ pub fn main(cli: Cli) -> ExitCode {
             if report.problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
     }
+}
+
+/// Logs as JSON lines, filtered by `RUST_LOG` (default: info).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).try_init();
 }
 
 /// The CRD as `apipolicy-operator crd` prints it and `crds/` stores it.
