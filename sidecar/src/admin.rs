@@ -1,10 +1,10 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/slo`, `/config`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/slo`, `/config`, `POST /purge`.
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -15,6 +15,7 @@ pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<F
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(&sidecar).await,
         (&Method::GET | &Method::HEAD, "/metrics") => {
+            sidecar.proxy.active.load().store.update_gauges();
             let mut resp = Response::new(Full::new(Bytes::from(sidecar.metrics.render())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -33,10 +34,14 @@ pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<F
                 &json!({"revision": active.config.revision, "upstream": active.upstream.authority.as_str(), "config": active.config}),
             )
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/slo") => {
+        (&Method::POST, "/purge") => purge(&sidecar, req).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/slo" | "/purge") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /metrics, /slo or /config\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz, /metrics, /slo, /config or POST /purge\n",
+        ),
     }
 }
 
@@ -77,6 +82,56 @@ async fn readyz(sidecar: &Sidecar) -> Response<Full<Bytes>> {
         "checks": checks,
     });
     json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// `POST /purge` with `{"keys": [...]}` (surrogate keys) or `{"paths": [...]}`: removes the
+/// matching cache entries and answers how many URLs went.
+async fn purge(sidecar: &Sidecar, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Purge {
+        #[serde(default)]
+        keys: Vec<String>,
+        #[serde(default)]
+        paths: Vec<String>,
+    }
+    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the purge request could not be read: {e}"),
+            );
+        }
+    };
+    let purge: Purge = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"keys\": [...]}} or {{\"paths\": [...]}}: {e}"),
+            );
+        }
+    };
+    if purge.keys.is_empty() && purge.paths.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "name at least one surrogate key (keys) or path (paths)");
+    }
+    let store = &sidecar.proxy.active.load().store;
+    let purged = store.purge_keys(&purge.keys) + store.purge_paths(&purge.paths);
+    tracing::info!(keys = ?purge.keys, paths = ?purge.paths, purged, "cache purged");
+    json_response(StatusCode::OK, &json!({ "purged": purged }))
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response<Full<Bytes>> {
+    let body = json!({
+        "type": "https://apipolicy.dev/problems/bad-purge",
+        "title": "Bad purge request",
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut resp = json_response(status, &body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -1,4 +1,5 @@
-//! Body types. Bodies stream through: nothing is buffered unless a feature needs it.
+//! Body types. Bodies stream through: nothing is buffered unless a feature needs it (the
+//! cache, up to `maxEntrySize`).
 
 use std::{
     pin::Pin,
@@ -7,7 +8,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Full, Limited};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
 use crate::proxy::Finish;
@@ -39,20 +40,48 @@ pin_project_lite::pin_project! {
     enum Inner {
         Upstream { #[pin] body: Incoming },
         Full { #[pin] body: Full<Bytes> },
+        /// What the cache read of a body too large to store, then the rest of it.
+        Prefixed { prefix: Option<Bytes>, #[pin] rest: Incoming },
+        /// A transformed stream (compression).
+        Boxed { #[pin] body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
 impl ProxyBody {
+    fn new(inner: Inner) -> Self {
+        Self { inner, sent: 0, finish: None }
+    }
+
     pub fn upstream(body: Incoming) -> Self {
-        Self { inner: Inner::Upstream { body }, sent: 0, finish: None }
+        Self::new(Inner::Upstream { body })
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        Self { inner: Inner::Full { body: Full::new(bytes) }, sent: 0, finish: None }
+        Self::new(Inner::Full { body: Full::new(bytes) })
     }
 
     pub fn empty() -> Self {
         Self::full(Bytes::new())
+    }
+
+    pub fn prefixed(prefix: Bytes, rest: Incoming) -> Self {
+        Self::new(Inner::Prefixed { prefix: Some(prefix), rest })
+    }
+
+    pub fn boxed(body: UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        Self::new(Inner::Boxed { body })
+    }
+
+    /// Takes the upstream body out, for a transformation, leaving an empty body; `None` (and
+    /// the body untouched) if it is not the upstream's.
+    pub fn take_upstream(&mut self) -> Option<Incoming> {
+        match std::mem::replace(&mut self.inner, Inner::Full { body: Full::new(Bytes::new()) }) {
+            Inner::Upstream { body } => Some(body),
+            other => {
+                self.inner = other;
+                None
+            }
+        }
     }
 
     /// Runs `finish` when the body ends or is dropped.
@@ -73,6 +102,11 @@ impl Body for ProxyBody {
         let polled = match this.inner.project() {
             InnerProj::Upstream { body } => body.poll_frame(cx).map_err(|e| e.into()),
             InnerProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            InnerProj::Prefixed { prefix, rest } => match prefix.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => rest.poll_frame(cx).map_err(|e| e.into()),
+            },
+            InnerProj::Boxed { body } => body.poll_frame(cx),
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
@@ -86,6 +120,8 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream { body } => body.is_end_stream(),
             Inner::Full { body } => body.is_end_stream(),
+            Inner::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Inner::Boxed { body } => body.is_end_stream(),
         }
     }
 
@@ -93,9 +129,71 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream { body } => body.size_hint(),
             Inner::Full { body } => body.size_hint(),
+            Inner::Prefixed { .. } => SizeHint::default(),
+            Inner::Boxed { body } => body.size_hint(),
         }
     }
 }
 
-/// What goes to the upstream: the client's body, under the route's size limit when it has one.
-pub type UpstreamBody = http_body_util::Either<Incoming, Limited<Incoming>>;
+pin_project_lite::pin_project! {
+    /// What goes to the upstream: the client's body (under the route's size limit when it has
+    /// one), or nothing (a cache fill or revalidation).
+    #[project = UpstreamProj]
+    pub enum UpstreamBody {
+        Client { #[pin] body: Incoming },
+        Limited { #[pin] body: Limited<Incoming> },
+        Empty,
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamProj::Client { body } => body.poll_frame(cx).map_err(|e| e.into()),
+            UpstreamProj::Limited { body } => body.poll_frame(cx),
+            UpstreamProj::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Client { body } => body.is_end_stream(),
+            Self::Limited { body } => body.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Client { body } => body.size_hint(),
+            Self::Limited { body } => body.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A body read whole, or what was read before it proved larger than the limit.
+pub enum Buffered {
+    Complete(Bytes),
+    TooLarge(Bytes, Incoming),
+}
+
+/// Reads `body` whole if it is at most `limit` bytes.
+pub async fn buffer(mut body: Incoming, limit: u64) -> Result<Buffered, hyper::Error> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > limit {
+                return Ok(Buffered::TooLarge(buf.freeze(), body));
+            }
+        }
+    }
+    Ok(Buffered::Complete(buf.freeze()))
+}

@@ -85,6 +85,9 @@ pub struct Tuning {
     /// Write a JSON access log line per request to stdout.
     #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// The most the response cache holds (a Kubernetes quantity: 64Mi, 1Gi).
+    #[arg(long, env = "APIPOLICY_CACHE_SIZE", default_value = "64Mi", value_parser = size)]
+    pub cache_size: u64,
     /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by (in a
     /// cluster the operator sends it; this is for local mode).
     #[arg(long, env = "APIPOLICY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -102,6 +105,10 @@ pub struct DemoArgs {
     pub admin: SocketAddr,
     #[command(flatten)]
     pub tuning: Tuning,
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    s.parse::<apipolicy_api::ByteSize>().map(|q| q.bytes()).map_err(|e| e.to_string())
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -128,6 +135,7 @@ impl Tuning {
             replicas: self.replicas,
             redis: None,
             operator: None,
+            cache_bytes: self.cache_size,
         }
     }
 }

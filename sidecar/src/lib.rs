@@ -3,8 +3,10 @@
 pub mod admin;
 pub mod agent;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod clientip;
+pub mod compress;
 pub mod demo;
 pub mod error;
 pub mod health;

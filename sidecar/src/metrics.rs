@@ -34,6 +34,21 @@ pub struct Metrics {
     slo_excluded: IntCounterVec,
     slo_budget: GaugeVec,
     slo_burn: GaugeVec,
+    cache_lookups: IntCounterVec,
+    compression_bytes: IntCounterVec,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
+    pub cache_coalesced: IntCounter,
+}
+
+/// The cache lookup counters of one route, by result.
+pub struct CacheLookups {
+    pub hit: IntCounter,
+    pub stale: IntCounter,
+    pub miss: IntCounter,
+    pub revalidated: IntCounter,
+    pub bypass: IntCounter,
 }
 
 /// The series of one SLO.
@@ -166,6 +181,36 @@ impl Metrics {
             &["slo", "window"],
         )
         .expect("valid metric");
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_cache_lookups_total",
+                "Cache lookups by result: hit (fresh), stale (served stale), miss, revalidated (304 from the app), bypass.",
+            ),
+            &["route", "result"],
+        )
+        .expect("valid metric");
+        let compression_bytes = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_compression_bytes_total",
+                "Bytes into and out of compression of cached bodies.",
+            ),
+            &["route", "direction"],
+        )
+        .expect("valid metric");
+        let cache_bytes = IntGauge::new("apipolicy_cache_store_bytes", "Bytes the response cache holds.")
+            .expect("valid metric");
+        let cache_entries = IntGauge::new("apipolicy_cache_store_entries", "URLs the response cache holds.")
+            .expect("valid metric");
+        let cache_evictions = IntCounter::new(
+            "apipolicy_cache_evictions_total",
+            "Cached URLs evicted to stay within the cache's size.",
+        )
+        .expect("valid metric");
+        let cache_coalesced = IntCounter::new(
+            "apipolicy_cache_coalesced_total",
+            "Cache misses that waited for a request in flight for the same URL instead of asking the app.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -185,6 +230,12 @@ impl Metrics {
             Box::new(slo_excluded.clone()),
             Box::new(slo_budget.clone()),
             Box::new(slo_burn.clone()),
+            Box::new(cache_lookups.clone()),
+            Box::new(compression_bytes.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_coalesced.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -209,7 +260,32 @@ impl Metrics {
             slo_excluded,
             slo_budget,
             slo_burn,
+            cache_lookups,
+            compression_bytes,
+            cache_bytes,
+            cache_entries,
+            cache_evictions,
+            cache_coalesced,
         }
+    }
+
+    pub fn cache_lookups(&self, route: &str) -> CacheLookups {
+        let c = |r| self.cache_lookups.with_label_values(&[route, r]);
+        CacheLookups {
+            hit: c("hit"),
+            stale: c("stale"),
+            miss: c("miss"),
+            revalidated: c("revalidated"),
+            bypass: c("bypass"),
+        }
+    }
+
+    /// Bytes in and out of compression for a route.
+    pub fn compression_bytes(&self, route: &str) -> (IntCounter, IntCounter) {
+        (
+            self.compression_bytes.with_label_values(&[route, "in"]),
+            self.compression_bytes.with_label_values(&[route, "out"]),
+        )
     }
 
     pub fn health_check(&self, check: &str) -> (IntGauge, Histogram) {

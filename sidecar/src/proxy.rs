@@ -1,7 +1,8 @@
-//! The request path. Order of work (DESIGN.md): request id → route match → body limit →
-//! upstream (pooled keep-alive connection, route timeout) → response headers → metrics and
-//! access log when the response body ends. Later stages (rate limit, cache, compression,
-//! SLO accounting) slot in at the places marked below.
+//! The request path. Order of work (DESIGN.md): request id → route match → rate limit →
+//! cache lookup (fresh hit, 304, stale-while-revalidate, coalesced miss) → load shedding →
+//! upstream (pooled keep-alive connection, route timeout) → cache store, ETag,
+//! Cache-Control, compression → metrics, SLO counters and the access log when the response
+//! body ends.
 
 use std::{
     net::SocketAddr,
@@ -15,14 +16,15 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
-    uri::PathAndQuery,
+    request::Parts, uri::PathAndQuery,
 };
-use http_body_util::{Either, LengthLimitError, Limited};
+use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::{
-    body::ProxyBody,
+    body::{ProxyBody, UpstreamBody},
+    compress,
     error::ProxyError,
     state::{Active, RouteRuntime},
 };
@@ -64,6 +66,12 @@ impl Proxy {
             active: active.clone(),
         };
         let route = &active.routes[index];
+        let method = req.method().clone();
+        let accept_encoding =
+            route.compression.as_ref().and(req.headers().get(header::ACCEPT_ENCODING).cloned());
+        // Unsafe requests invalidate what the cache holds for their URL (RFC 9111 §4.4).
+        let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+        let invalidates = (!safe).then(|| crate::cache::flow::target(&req));
 
         let mut limit_headers = None;
         let outcome = async {
@@ -71,8 +79,17 @@ impl Proxy {
             if let Some(limiter) = &route.limiter {
                 limit_headers = limiter.check(req.headers(), peer, &active.trusted).await?;
             }
-            // Here: cache lookup (a later issue); a hit never takes a concurrency slot.
-            // Shedding guards the app, so it sits right before the upstream call.
+            // The cache answers hits itself; only what goes on to the app takes a
+            // concurrency slot, so a burst of hits is never shed.
+            if let Some(cache) = &route.cache {
+                match crate::cache::flow::eligible(cache, &req) {
+                    Some(true) => {
+                        return crate::cache::flow::serve(&active, route, req, peer, &id, &mut finish).await;
+                    }
+                    Some(false) => route.cache_lookups.bypass.inc(),
+                    None => {}
+                }
+            }
             if let Some(c) = &route.concurrency {
                 c.admit()?;
                 finish.holds_slot = true;
@@ -87,16 +104,54 @@ impl Proxy {
                 e.into_response(&id)
             }
         };
-        // Here: cache store, ETag, Cache-Control, compression (later issues).
+        if let Some(target) = invalidates
+            && (resp.status().is_success() || resp.status().is_redirection())
+        {
+            crate::cache::flow::invalidate(&active, &target, resp.headers());
+        }
         if let Some(applied) = limit_headers {
             applied.write(resp.headers_mut());
         }
-
+        if let Some(config) = &route.compression
+            && method != Method::HEAD
+        {
+            resp = compress_streaming(resp, config, accept_encoding.as_ref());
+        }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();
         resp.body_mut().on_finish(finish);
         resp
     }
+}
+
+/// Compresses a response that streams from the app (cached responses come compressed from
+/// the cache and are left alone).
+fn compress_streaming(
+    resp: Response<ProxyBody>,
+    config: &apipolicy_api::CompressionConfig,
+    accept: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    if !compress::compressible(resp.status(), resp.headers(), config) {
+        return resp;
+    }
+    let (mut parts, mut body) = resp.into_parts();
+    compress::add_vary(&mut parts.headers, "accept-encoding");
+    let Some(encoding) = compress::negotiate(accept, &config.algorithms) else {
+        return Response::from_parts(parts, body);
+    };
+    let Some(upstream) = body.take_upstream() else {
+        return Response::from_parts(parts, body);
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::ACCEPT_RANGES);
+    parts.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding.as_str()));
+    if let Some(etag) = parts.headers.get(header::ETAG).cloned() {
+        match crate::cache::conditional::encoded_etag(&etag, encoding.as_str()) {
+            Some(e) => parts.headers.insert(header::ETAG, e),
+            None => parts.headers.remove(header::ETAG),
+        };
+    }
+    Response::from_parts(parts, ProxyBody::boxed(compress::compress_stream(encoding, upstream)))
 }
 
 /// Forwards the request to the upstream and returns its response head with the body
@@ -118,6 +173,40 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+    prepare(active, &mut parts, peer, id, upgrade)?;
+    let body = match route.max_body {
+        Some(limit) => {
+            UpstreamBody::Limited { body: Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)) }
+        }
+        None => UpstreamBody::Client { body },
+    };
+    let mut resp = send(active, route, Request::from_parts(parts, body), finish).await?;
+
+    if let Some(client_upgrade) = client_upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                    .await;
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    Ok(resp.map(ProxyBody::upstream))
+}
+
+/// Turns a client's request head into the upstream's: the upstream's address, HTTP/1.1, a
+/// Host header, no hop-by-hop headers, `X-Forwarded-*` and the request id.
+pub(crate) fn prepare(
+    active: &Active,
+    parts: &mut Parts,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    upgrade: bool,
+) -> Result<(), ProxyError> {
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 carries the host in :authority; HTTP/1.1 apps expect a Host header.
         let host = parts.uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
@@ -138,40 +227,30 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     append_forwarded(&mut parts.headers, peer);
     parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+    Ok(())
+}
 
-    let body = match route.max_body {
-        Some(limit) => Either::Right(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))),
-        None => Either::Left(body),
-    };
+/// Sends a prepared request under the route's timeout.
+pub(crate) async fn send(
+    active: &Active,
+    route: &RouteRuntime,
+    req: Request<UpstreamBody>,
+    finish: &mut Finish,
+) -> Result<Response<Incoming>, ProxyError> {
     let sent_at = Instant::now();
     let timeout_ms = route.timeout.as_millis() as u64;
-    let mut resp =
-        match tokio::time::timeout(route.timeout, active.client.request(Request::from_parts(parts, body)))
-            .await
-        {
-            Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
-            Ok(Err(e)) => return Err(classify(&e, route.max_body)),
-            Ok(Ok(resp)) => resp,
-        };
+    let mut resp = match tokio::time::timeout(route.timeout, active.client.request(req)).await {
+        Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
+        Ok(Err(e)) => return Err(classify(&e, route.max_body)),
+        Ok(Ok(resp)) => resp,
+    };
     let upstream = sent_at.elapsed();
     route.metrics.upstream_duration.observe(upstream.as_secs_f64());
     finish.upstream_ms = Some(upstream.as_secs_f64() * 1000.0);
-
-    if let Some(client_upgrade) = client_upgrade
-        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
-                    .await;
-            }
-        });
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut(), false);
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(resp.map(ProxyBody::upstream))
+    Ok(resp)
 }
 
 fn classify(e: &hyper_util::client::legacy::Error, limit: Option<u64>) -> ProxyError {
@@ -304,15 +383,15 @@ fn hex16(n: u64, out: &mut [u8]) {
 
 /// What is recorded when a response ends: metrics and the access log line.
 pub struct Finish {
-    method: Method,
+    pub(crate) method: Method,
     path: Option<PathAndQuery>,
     request_id: HeaderValue,
     route: usize,
     status: u16,
     start: Instant,
-    upstream_ms: Option<f64>,
+    pub(crate) upstream_ms: Option<f64>,
     /// The request holds one of its route's `maxInFlight` slots until the response ends.
-    holds_slot: bool,
+    pub(crate) holds_slot: bool,
     /// The sidecar answered because the policy worked as meant (429, shedding): SLOs leave
     /// such requests out.
     policy_answer: bool,
@@ -320,7 +399,37 @@ pub struct Finish {
 }
 
 impl Finish {
-    pub fn done(self, bytes: u64) {
+    pub(crate) fn route(&self) -> usize {
+        self.route
+    }
+
+    /// For work the sidecar does on its own (a background revalidation): it counts nothing,
+    /// but may hold a concurrency slot, given back by [`Finish::release`].
+    pub(crate) fn background(active: Arc<Active>, route: usize) -> Self {
+        Self {
+            method: Method::GET,
+            path: None,
+            request_id: HeaderValue::from_static("background"),
+            route,
+            status: 0,
+            start: Instant::now(),
+            upstream_ms: None,
+            holds_slot: false,
+            policy_answer: false,
+            active,
+        }
+    }
+
+    pub(crate) fn release(&mut self) {
+        if std::mem::take(&mut self.holds_slot)
+            && let Some(c) = &self.active.routes[self.route].concurrency
+        {
+            c.release();
+        }
+    }
+
+    pub fn done(mut self, bytes: u64) {
+        self.release();
         let elapsed = self.start.elapsed();
         let route = &self.active.routes[self.route];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());
@@ -330,11 +439,6 @@ impl Finish {
         }
         route.metrics.count(&self.method, self.status);
         self.active.in_flight.dec();
-        if self.holds_slot
-            && let Some(c) = &route.concurrency
-        {
-            c.release();
-        }
         if self.active.access_log {
             tracing::info!(
                 target: "access",

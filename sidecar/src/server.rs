@@ -21,6 +21,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     agent::{Agent, AgentOptions},
+    cache::{CacheMetrics, Store},
     metrics::Metrics,
     proxy::Proxy,
     slo::Slos,
@@ -48,6 +49,8 @@ pub struct Options {
     pub redis: Option<String>,
     /// The operator's agent API, for config updates and SLO reports.
     pub operator: Option<AgentOptions>,
+    /// The most bytes the response cache holds.
+    pub cache_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,12 +128,20 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
         metrics: metrics.clone(),
         access_log: options.access_log,
         slos: slos.clone(),
+        store: Arc::new(Store::new(
+            options.cache_bytes,
+            CacheMetrics {
+                bytes: metrics.cache_bytes.clone(),
+                entries: metrics.cache_entries.clone(),
+                evictions: metrics.cache_evictions.clone(),
+                coalesced: metrics.cache_coalesced.clone(),
+            },
+        )),
     };
     let active = Active::build(config, &settings, None, options.replicas)
         .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
     metrics.set_revision(None, &active.config.revision);
     tracing::info!(revision = %active.config.revision, policy = %options.policy.display(), "config loaded");
-    warn_unenforced(&active.config);
 
     let listener = TcpListener::bind(options.listen)
         .await
@@ -328,17 +339,10 @@ pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, sou
             sidecar.proxy.active.store(Arc::new(active));
             sidecar.metrics.set_revision(Some(&current.config.revision), &revision);
             tracing::info!(source, from = %current.config.revision, to = %revision, replicas, "config applied");
-            warn_unenforced(&sidecar.proxy.active.load().config);
         }
         Err(e) => {
             sidecar.metrics.config_reload_errors.inc();
             tracing::warn!(source, error = %e, "config refused; keeping the last good one");
         }
-    }
-}
-
-fn warn_unenforced(config: &SidecarConfig) {
-    for (feature, route) in crate::state::unenforced(config) {
-        tracing::warn!(feature, route, "this sidecar build does not enforce this policy feature yet");
     }
 }

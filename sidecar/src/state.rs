@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use apipolicy_api::SidecarConfig;
+use apipolicy_api::{CacheConfig, CompressionConfig, SidecarConfig};
 use http::uri::{Authority, Scheme};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -19,10 +19,11 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::{
     body::UpstreamBody,
+    cache::Store,
     clientip::TrustedProxies,
     error::ProxyError,
     health::Health,
-    metrics::{Metrics, RouteMetrics},
+    metrics::{CacheLookups, Metrics, RouteMetrics},
     ratelimit::{RouteLimiter, redis::RedisStore},
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
@@ -44,6 +45,8 @@ pub struct Active {
     /// The store of `scope: Global` limits, when a route has one.
     pub redis: Option<Arc<RedisStore>>,
     pub health: Arc<Health>,
+    /// The response cache, shared by every config.
+    pub store: Arc<Store>,
     /// The SLOs, in config order, and for each route the ones that count it.
     pub slos: Vec<Arc<Tracker>>,
     pub route_slos: Vec<Vec<usize>>,
@@ -58,6 +61,7 @@ pub struct Settings {
     pub metrics: Metrics,
     pub access_log: bool,
     pub slos: Arc<Slos>,
+    pub store: Arc<Store>,
 }
 
 /// The Redis store for this config: the previous one when its address did not change.
@@ -113,6 +117,11 @@ pub struct RouteRuntime {
     pub metrics: RouteMetrics,
     pub limiter: Option<RouteLimiter>,
     pub concurrency: Option<Concurrency>,
+    pub cache: Option<CacheConfig>,
+    pub compression: Option<CompressionConfig>,
+    pub cache_lookups: CacheLookups,
+    /// Bytes into and out of compression of cached bodies.
+    pub compression_bytes: (IntCounter, IntCounter),
 }
 
 /// A route's cap on requests in flight. The count carries over a reload that keeps the route,
@@ -212,6 +221,10 @@ impl Active {
                     timeout: Duration::from_millis(r.timeout_ms),
                     max_body: r.max_request_body,
                     metrics: metrics.route(&r.name),
+                    cache: r.cache.clone(),
+                    compression: r.compression.clone(),
+                    cache_lookups: metrics.cache_lookups(&r.name),
+                    compression_bytes: metrics.compression_bytes(&r.name),
                     limiter: r.rate_limit.as_ref().map(|rl| {
                         let global =
                             (rl.scope == apipolicy_api::Scope::Global).then(|| redis.clone()).flatten();
@@ -280,6 +293,7 @@ impl Active {
             replicas: replicas.max(1),
             redis,
             health,
+            store: settings.store.clone(),
             slos,
             route_slos,
         })
@@ -300,18 +314,4 @@ fn client(config: &SidecarConfig) -> UpstreamClient {
         .pool_max_idle_per_host(1024)
         .set_host(false)
         .build(connector)
-}
-
-/// Policy features this build accepts but does not enforce yet, named so nobody relies on them
-/// unknowingly: `(feature, route)` pairs.
-pub fn unenforced(config: &SidecarConfig) -> Vec<(&'static str, &str)> {
-    let mut out = Vec::new();
-    for r in &config.spec.routes {
-        for (feature, set) in [("cache", r.cache.is_some()), ("compression", r.compression.is_some())] {
-            if set {
-                out.push((feature, r.name.as_str()));
-            }
-        }
-    }
-    out
 }

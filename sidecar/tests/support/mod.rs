@@ -56,6 +56,10 @@ pub fn generated(total: u64) -> Body {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
+    /// `/app` answers 503 while this is set.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests per `/app` path.
+    pub per_path: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl Upstream {
@@ -63,22 +67,37 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let per_path = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let counter = requests.clone();
+        let app_state = (failing.clone(), per_path.clone());
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let counter = counter.clone();
-                let service = service_fn(move |req| {
+                let app_state = app_state.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
                     counter.fetch_add(1, Ordering::SeqCst);
-                    async move { Ok::<_, Infallible>(upstream(req).await) }
+                    let app_state = app_state.clone();
+                    async move {
+                        if req.uri().path().starts_with("/app") {
+                            return Ok::<_, Infallible>(app(req, &app_state.0, &app_state.1).await);
+                        }
+                        Ok::<_, Infallible>(upstream(req).await)
+                    }
                 });
                 tokio::spawn(
                     builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned(),
                 );
             }
         });
-        Self { addr, requests }
+        Self { addr, requests, failing, per_path }
+    }
+
+    /// Requests `/app…` paths got.
+    pub fn hits(&self, path: &str) -> u64 {
+        self.per_path.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
     pub fn url(&self) -> String {
@@ -88,6 +107,84 @@ impl Upstream {
     pub fn count(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+fn param(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let v = kv.strip_prefix(key)?.strip_prefix('=')?;
+        Some(v.replace("%20", " ").replace("%2C", ","))
+    })
+}
+
+/// A controllable app for the cache tests. Query parameters say what to answer with: `cc`
+/// (Cache-Control), `etag` (answering 304 to a matching If-None-Match), `lm`
+/// (Last-Modified), `status`, `ms` (a delay), `cookie`, `skey` (Surrogate-Key), `vary`,
+/// `ct` (Content-Type), `size` (padding), `location`. The body tells how many requests
+/// the path has had and what the app saw of a few headers.
+async fn app(
+    req: Request<Incoming>,
+    failing: &std::sync::atomic::AtomicBool,
+    per_path: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let n = {
+        let mut m = per_path.lock().unwrap();
+        let c = m.entry(path.clone()).or_insert(0);
+        *c += 1;
+        *c
+    };
+    if let Some(ms) = param(&req, "ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if failing.load(Ordering::SeqCst) {
+        let mut r = Response::new(full("failing"));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(etag) = param(&req, "etag")
+        && header("if-none-match").is_some_and(|inm| inm.contains(&etag))
+    {
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r.headers_mut().insert("etag", format!("\"{etag}\"").parse().unwrap());
+        if let Some(cc) = param(&req, "cc") {
+            r.headers_mut().insert("cache-control", cc.parse().unwrap());
+        }
+        return r;
+    }
+    let pad = "x".repeat(param(&req, "size").and_then(|v| v.parse().ok()).unwrap_or(0));
+    let body = serde_json::json!({
+        "n": n,
+        "path": path,
+        "method": req.method().as_str(),
+        "xfh": header("x-forwarded-host"),
+        "xou": header("x-original-url"),
+        "inm": header("if-none-match"),
+        "lang": header("accept-language"),
+        "pad": pad,
+    });
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() =
+        StatusCode::from_u16(param(&req, "status").and_then(|v| v.parse().ok()).unwrap_or(200)).unwrap();
+    let h = r.headers_mut();
+    h.insert("content-type", param(&req, "ct").unwrap_or("application/json".into()).parse().unwrap());
+    for (p, name) in [
+        ("cc", "cache-control"),
+        ("lm", "last-modified"),
+        ("cookie", "set-cookie"),
+        ("skey", "surrogate-key"),
+        ("vary", "vary"),
+        ("location", "location"),
+    ] {
+        if let Some(v) = param(&req, p) {
+            h.insert(name, v.parse().unwrap());
+        }
+    }
+    if let Some(etag) = param(&req, "etag") {
+        h.insert("etag", format!("\"{etag}\"").parse().unwrap());
+    }
+    r
 }
 
 fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
@@ -225,6 +322,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         replicas: 1,
         redis: None,
         operator: None,
+        cache_bytes: 16 << 20,
     }
 }
 

@@ -1,0 +1,498 @@
+//! The cached request path: lookup, conditional answers, stale-while-revalidate, coalesced
+//! misses, stale-if-error, storing, and invalidation.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::SystemTime,
+};
+
+use apipolicy_api::{CacheConfig, CacheMode};
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header, request::Parts,
+};
+use hyper::body::Incoming;
+
+use super::{
+    CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
+    refuse_to_store,
+};
+use crate::{
+    body::{Buffered, ProxyBody, UpstreamBody, buffer},
+    compress,
+    error::ProxyError,
+    proxy::{Finish, prepare, send},
+    state::{Active, RouteRuntime},
+};
+
+/// Request headers a client could use to change what the app answers without the cache
+/// key changing (cache poisoning); on cached routes they never reach the app.
+static UNKEYED: [HeaderName; 7] = [
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Conditional headers the cache evaluates itself; a fill asks the app for the whole body.
+static CONDITIONAL: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+/// The URL a request names, for invalidation.
+pub fn target<B>(req: &Request<B>) -> CacheKey {
+    CacheKey::new(&host(req.headers(), req.uri()), req.uri().path(), req.uri().query())
+}
+
+fn host(headers: &HeaderMap, uri: &http::Uri) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default()
+}
+
+/// Whether the cache may answer a request: `None` for methods it never answers, `Some(false)`
+/// for a GET or HEAD that must bypass it (Range, `no-store`, and in Override mode
+/// Authorization, since the policy would make a per-user answer public).
+pub fn eligible<B>(config: &CacheConfig, req: &Request<B>) -> Option<bool> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let h = req.headers();
+    let bypass = h.contains_key(header::RANGE)
+        || (config.mode == CacheMode::Override && h.contains_key(header::AUTHORIZATION))
+        || super::directives(h.get_all(header::CACHE_CONTROL))
+            .any(|(n, _)| n.eq_ignore_ascii_case("no-store"));
+    Some(!bypass)
+}
+
+fn cache_status(kind: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("ApiPolicy; {kind}")).unwrap_or(HeaderValue::from_static("ApiPolicy"))
+}
+
+pub async fn serve(
+    active: &Arc<Active>,
+    route: &RouteRuntime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    finish: &mut Finish,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let config = route.cache.as_ref().expect("serve is called for cached routes");
+    let store = &active.store;
+    let head = req.method() == Method::HEAD;
+    let key = target(&req);
+    let (mut parts, _get_body_has_no_meaning) = req.into_parts();
+    for name in &UNKEYED {
+        parts.headers.remove(name);
+    }
+    let client_headers = parts.headers.clone();
+    let mut stale: Option<Arc<Entry>> = None;
+    let mut miss_kind = "fwd=uri-miss";
+    // A few rounds at most: a waiter whose leader failed may lead the next round itself.
+    for _ in 0..3 {
+        let now = SystemTime::now();
+        match store.lookup(&key, &client_headers, now) {
+            Lookup::Fresh(e, headers) => {
+                route.cache_lookups.hit.inc();
+                let ttl = e.policy.time_to_live(now).as_secs();
+                return Ok(respond(
+                    active,
+                    route,
+                    &e,
+                    headers,
+                    &format!("hit; ttl={ttl}"),
+                    &client_headers,
+                    head,
+                    &key,
+                )
+                .await);
+            }
+            Lookup::StaleWhileRevalidate(e) => {
+                route.cache_lookups.stale.inc();
+                if !e.revalidating.swap(true, Ordering::AcqRel) {
+                    spawn_revalidation(
+                        active.clone(),
+                        finish.route(),
+                        key.clone(),
+                        clone_parts(&parts),
+                        e.clone(),
+                        peer,
+                        id.clone(),
+                    );
+                }
+                let over = e.staleness(now).as_secs();
+                let headers = with_age(&e, now);
+                return Ok(respond(
+                    active,
+                    route,
+                    &e,
+                    headers,
+                    &format!("hit; ttl=-{over}"),
+                    &client_headers,
+                    head,
+                    &key,
+                )
+                .await);
+            }
+            Lookup::Stale(e) => {
+                stale = Some(e);
+                miss_kind = "fwd=stale";
+            }
+            Lookup::VaryMiss => miss_kind = "fwd=vary-miss",
+            Lookup::UriMiss => {}
+        }
+        match store.join(key.hash) {
+            Ok(mut waiting) => {
+                // Someone fetches this URL already: wait for it, bounded by the route timeout.
+                let waited =
+                    tokio::time::timeout(route.timeout, waiting.wait_for(|f| *f != Flight::Pending)).await;
+                match waited.ok().and_then(|r| r.ok()).map(|f| *f) {
+                    Some(Flight::Stored) | Some(Flight::Failed) => continue,
+                    _ => break,
+                }
+            }
+            Err(guard) => {
+                let (resp, outcome) = fill(
+                    active,
+                    route,
+                    config,
+                    &key,
+                    parts,
+                    stale,
+                    &client_headers,
+                    head,
+                    peer,
+                    id,
+                    finish,
+                    miss_kind,
+                )
+                .await;
+                guard.finish(outcome);
+                return resp;
+            }
+        }
+    }
+    // The app's answer cannot be shared (or the leader took too long): ask it directly.
+    route.cache_lookups.bypass.inc();
+    let (resp, _) = fetch(active, route, parts, None, peer, id, finish).await?;
+    Ok(pass_through(config, resp, "fwd=bypass"))
+}
+
+fn with_age(e: &Entry, now: SystemTime) -> HeaderMap {
+    let mut h = e.headers.clone();
+    h.insert(header::AGE, HeaderValue::from(e.policy.age(now).as_secs()));
+    h
+}
+
+/// Asks the app (conditionally when a stale entry can be revalidated).
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    active: &Active,
+    route: &RouteRuntime,
+    mut parts: Parts,
+    stale: Option<&Entry>,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    finish: &mut Finish,
+) -> Result<(Response<Incoming>, bool), ProxyError> {
+    if let Some(c) = &route.concurrency {
+        c.admit()?;
+        finish.holds_slot = true;
+    }
+    // HEAD is filled with GET, so the entry serves both.
+    parts.method = Method::GET;
+    for name in &CONDITIONAL {
+        parts.headers.remove(name);
+    }
+    let revalidating = stale.is_some_and(|e| {
+        let mut asked = false;
+        if let Some(etag) = e.headers.get(header::ETAG) {
+            parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
+            asked = true;
+        }
+        if let Some(lm) = e.headers.get(header::LAST_MODIFIED) {
+            parts.headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            asked = true;
+        }
+        asked
+    });
+    prepare(active, &mut parts, peer, id, false)?;
+    let resp = send(active, route, Request::from_parts(parts, UpstreamBody::Empty), finish).await?;
+    Ok((resp, revalidating))
+}
+
+/// The leader's work on a miss: fetch, store when allowed, answer.
+#[allow(clippy::too_many_arguments)]
+async fn fill(
+    active: &Arc<Active>,
+    route: &RouteRuntime,
+    config: &CacheConfig,
+    key: &CacheKey,
+    parts: Parts,
+    stale: Option<Arc<Entry>>,
+    client_headers: &HeaderMap,
+    head: bool,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    finish: &mut Finish,
+    miss_kind: &str,
+) -> (Result<Response<ProxyBody>, ProxyError>, Flight) {
+    let store = &active.store;
+    let fetched = fetch(active, route, parts, stale.as_deref(), peer, id, finish).await;
+    let now = SystemTime::now();
+    let serve_stale = |e: &Arc<Entry>| e.staleness(now) <= e.stale_if_error;
+    let resp = match fetched {
+        Err(e) if e.is_policy() => return (Err(e), Flight::Failed),
+        Err(e) => {
+            tracing::debug!(error = %e, path = %key.path, "cache fill failed");
+            return match stale.as_ref().filter(|s| serve_stale(s)) {
+                Some(s) => {
+                    route.cache_lookups.stale.inc();
+                    let over = s.staleness(now).as_secs();
+                    let r = respond(
+                        active,
+                        route,
+                        s,
+                        with_age(s, now),
+                        &format!("hit; ttl=-{over}; detail=stale-if-error"),
+                        client_headers,
+                        head,
+                        key,
+                    )
+                    .await;
+                    (Ok(r), Flight::Failed)
+                }
+                None => (Err(e), Flight::Failed),
+            };
+        }
+        Ok((resp, _)) => resp,
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_MODIFIED
+        && let Some(old) = &stale
+    {
+        route.cache_lookups.revalidated.inc();
+        let fresh = Arc::new(refreshed(old, key, client_headers, resp.headers(), now));
+        store.insert(key, fresh.clone(), client_headers, now);
+        let r = respond(
+            active,
+            route,
+            &fresh,
+            with_age(&fresh, now),
+            "fwd=stale; fwd-status=304; stored",
+            client_headers,
+            head,
+            key,
+        )
+        .await;
+        return (Ok(r), Flight::Stored);
+    }
+    if status.is_server_error()
+        && let Some(s) = stale.as_ref().filter(|s| serve_stale(s))
+    {
+        route.cache_lookups.stale.inc();
+        let over = s.staleness(now).as_secs();
+        let r = respond(
+            active,
+            route,
+            s,
+            with_age(s, now),
+            &format!("hit; ttl=-{over}; detail=stale-if-error"),
+            client_headers,
+            head,
+            key,
+        )
+        .await;
+        return (Ok(r), Flight::Failed);
+    }
+    route.cache_lookups.miss.inc();
+    let (mut parts, body) = resp.into_parts();
+    effective_headers(config, status, &mut parts.headers);
+    if let Some(why) = refuse_to_store(config, key, client_headers, status, &parts.headers, now) {
+        tracing::debug!(reason = why, path = %key.path, "response not stored");
+        let flight = if status.is_server_error() { Flight::Failed } else { Flight::Uncacheable };
+        let kind = format!("{miss_kind}; fwd-status={}", status.as_u16());
+        return (Ok(pass_through(config, Response::from_parts(parts, body), &kind)), flight);
+    }
+    match buffer(body, config.max_entry_size).await {
+        Err(e) => (Err(ProxyError::BadGateway(format!("the app's body broke off: {e}"))), Flight::Failed),
+        Ok(Buffered::TooLarge(prefix, rest)) => {
+            let mut resp = Response::from_parts(parts, ProxyBody::prefixed(prefix, rest));
+            resp.headers_mut()
+                .insert(CACHE_STATUS.clone(), cache_status(&format!("{miss_kind}; detail=too-large")));
+            if head {
+                *resp.body_mut() = ProxyBody::empty();
+            }
+            (Ok(resp), Flight::Uncacheable)
+        }
+        Ok(Buffered::Complete(bytes)) => {
+            if config.etag && !parts.headers.contains_key(header::ETAG) && status == StatusCode::OK {
+                parts.headers.insert(header::ETAG, conditional::etag_for(&bytes));
+            }
+            let e = Arc::new(entry(config, key, client_headers, status, parts.headers, bytes, now));
+            store.insert(key, e.clone(), client_headers, now);
+            let ttl = e.policy.time_to_live(now).as_secs();
+            let kind = format!("{miss_kind}; stored; ttl={ttl}");
+            let headers = with_age(&e, now);
+            (Ok(respond(active, route, &e, headers, &kind, client_headers, head, key).await), Flight::Stored)
+        }
+    }
+}
+
+/// A response that is not stored, passed on with the cache's headers.
+fn pass_through(config: &CacheConfig, resp: Response<Incoming>, kind: &str) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    if config.mode == CacheMode::Override {
+        effective_headers(config, parts.status, &mut parts.headers);
+    }
+    parts.headers.insert(CACHE_STATUS.clone(), cache_status(kind));
+    Response::from_parts(parts, ProxyBody::upstream(body))
+}
+
+/// Answers from an entry: a 304 when the client's copy is current, else the body in the
+/// best encoding the client accepts (compressed once per entry and kept).
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    active: &Active,
+    route: &RouteRuntime,
+    e: &Arc<Entry>,
+    mut headers: HeaderMap,
+    kind: &str,
+    request: &HeaderMap,
+    head: bool,
+    key: &CacheKey,
+) -> Response<ProxyBody> {
+    let mut body = e.body.clone();
+    if let Some(config) = &route.compression
+        && compress::compressible(e.status, &headers, config)
+    {
+        compress::add_vary(&mut headers, "accept-encoding");
+        if body.len() as u64 >= config.min_size
+            && let Some(enc) = compress::negotiate(request.get(header::ACCEPT_ENCODING), &config.algorithms)
+        {
+            let packed = match e.encoded(enc) {
+                Some(b) => Some(b),
+                None => encode(enc, &e.body).await.inspect(|b| {
+                    e.keep_encoded(enc, b.clone());
+                    route.compression_bytes.0.inc_by(e.body.len() as u64);
+                    route.compression_bytes.1.inc_by(b.len() as u64);
+                    active.store.reweigh(key);
+                }),
+            };
+            if let Some(packed) = packed {
+                body = packed;
+                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
+                if let Some(tag) =
+                    headers.get(header::ETAG).and_then(|t| conditional::encoded_etag(t, enc.as_str()))
+                {
+                    headers.insert(header::ETAG, tag);
+                }
+            }
+        }
+    }
+    headers.insert(CACHE_STATUS.clone(), cache_status(kind));
+    if conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED)) {
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        *resp.headers_mut() = conditional::not_modified_headers(&headers);
+        resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status(kind));
+        return resp;
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(body) });
+    *resp.status_mut() = e.status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// Compresses a stored body; big ones on the blocking pool, off the request threads.
+async fn encode(enc: apipolicy_api::Encoding, body: &Bytes) -> Option<Bytes> {
+    let packed = if body.len() > 64 * 1024 {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || futures::executor::block_on(compress::compress_bytes(enc, &body)))
+            .await
+            .ok()?
+    } else {
+        compress::compress_bytes(enc, body).await
+    };
+    packed.ok().map(Bytes::from)
+}
+
+/// Revalidates a stale entry in the background (stale-while-revalidate).
+fn spawn_revalidation(
+    active: Arc<Active>,
+    route_index: usize,
+    key: CacheKey,
+    parts: Parts,
+    stale: Arc<Entry>,
+    peer: SocketAddr,
+    id: HeaderValue,
+) {
+    tokio::spawn(async move {
+        let route = &active.routes[route_index];
+        let Some(config) = &route.cache else { return };
+        let Err(guard) = active.store.join(key.hash) else {
+            stale.revalidating.store(false, Ordering::Release);
+            return;
+        };
+        let client_headers = parts.headers.clone();
+        let mut finish = Finish::background(active.clone(), route_index);
+        let client_headers = client_headers;
+        let (_, outcome) = fill(
+            &active,
+            route,
+            config,
+            &key,
+            parts,
+            Some(stale.clone()),
+            &client_headers,
+            true,
+            peer,
+            &id,
+            &mut finish,
+            "fwd=stale",
+        )
+        .await;
+        stale.revalidating.store(false, Ordering::Release);
+        guard.finish(outcome);
+        finish.release();
+    });
+}
+
+/// After a successful unsafe request: forget the URL, and its `Location` and
+/// `Content-Location` when they are on the same host.
+pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
+    let store = &active.store;
+    store.invalidate(target.hash);
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(v) = response.get(&name).and_then(|v| v.to_str().ok()) else { continue };
+        let Ok(uri) = v.parse::<http::Uri>() else { continue };
+        if uri.host().is_some_and(|h| !target.host.split(':').next().unwrap_or("").eq_ignore_ascii_case(h)) {
+            continue;
+        }
+        let other = CacheKey::new(&target.host, uri.path(), uri.query());
+        store.invalidate(other.hash);
+    }
+}
+
+/// A copy of a request head (extensions aside, which a background request does not need).
+fn clone_parts(parts: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
