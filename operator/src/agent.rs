@@ -465,8 +465,8 @@ mod tests {
         let (tls, ca) = if insecure {
             (None, None)
         } else {
-            let (tls, ca) = ServerTls::generate(&["localhost".into()]).unwrap();
-            (Some(tls.acceptor()), Some(ca))
+            let b = crate::certs::issue(&["localhost".into()], crate::context::system_clock()()).unwrap();
+            (Some(ServerTls::from_pem(&b.cert, &b.key).unwrap().acceptor()), Some(b.ca_cert))
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let handler = AgentApi::new(ctx, insecure).with_poll_timeout(poll).handler();

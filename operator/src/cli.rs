@@ -5,6 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use kube::CustomResourceExt;
 
+use crate::{
+    inject::{self, Resources},
+    webhook::{self, FailurePolicy},
+};
+
 #[derive(Parser, Debug)]
 #[command(name = "apipolicy-operator", version, about = "Runs and checks ApiPolicy resources")]
 pub struct Cli {
@@ -14,9 +19,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the operator: the controller, the agent API and the metrics endpoint, in the cluster
-    /// or outside it with KUBECONFIG.
-    Run(RunArgs),
+    /// Run the operator: the controller, the injection webhook, the agent API and the metrics
+    /// endpoint, in the cluster or outside it with KUBECONFIG.
+    Run(Box<RunArgs>),
     /// Print the ApiPolicy CustomResourceDefinition as YAML.
     Crd,
     /// Check ApiPolicy manifests offline; directories are searched for *.yaml and *.yml.
@@ -30,37 +35,109 @@ pub enum Command {
 /// Flags of `run`; each also reads the environment variable named beside it.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Where the injection webhook listens (HTTPS). The webhook server itself comes with the
-    /// injection issue; the flag is accepted now so that manifests need not change.
-    #[arg(long, env = "APIPOLICY_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    /// Where the injection webhook listens (HTTPS).
+    #[arg(long, env = "APIPOLICY_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
     pub webhook_addr: SocketAddr,
     /// Where the agent API listens (HTTPS unless --insecure-agent-api).
-    #[arg(long, env = "APIPOLICY_AGENT_ADDR", default_value = "0.0.0.0:8444")]
+    #[arg(long, env = "APIPOLICY_AGENT_ADDR", default_value = "0.0.0.0:8443")]
     pub agent_addr: SocketAddr,
     /// Where /metrics, /healthz and /readyz are served (plain HTTP).
-    #[arg(long, env = "APIPOLICY_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "APIPOLICY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
-    /// Outside the cluster: the URL the webhook configuration points at instead of the Service.
+    /// Outside the cluster: the URL the webhook configuration points at instead of the Service
+    /// (`https://HOST:PORT/mutate`, HOST reachable from the API server). HOST is added to the
+    /// generated certificate.
     #[arg(long, env = "APIPOLICY_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// The port of the operator's Service that leads to --webhook-addr.
+    #[arg(long, env = "APIPOLICY_WEBHOOK_SERVICE_PORT", default_value_t = 443)]
+    pub webhook_service_port: u16,
+    /// What the API server does with a pod when the webhook cannot answer: `Ignore` (the pod
+    /// starts without the sidecar) or `Fail` (the pod is refused until the operator answers).
+    #[arg(long, env = "APIPOLICY_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Ignore)]
+    pub failure_policy: FailurePolicy,
+    /// Create and update the MutatingWebhookConfiguration, CA included. `false` when the chart
+    /// renders it and cert-manager injects the CA (then give --tls-cert, --tls-key, --tls-ca).
+    #[arg(long, env = "APIPOLICY_MANAGE_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub manage_webhook: bool,
+    /// The MutatingWebhookConfiguration's name.
+    #[arg(long, env = "APIPOLICY_WEBHOOK_CONFIGURATION", default_value = webhook::CONFIGURATION)]
+    pub webhook_configuration: String,
+    /// The operator's Service: the certificate's names, the webhook's and the sidecars' way here.
+    #[arg(long, env = "APIPOLICY_SERVICE_NAME", default_value = "apipolicy-operator")]
+    pub service_name: String,
+    /// The agent API's URL as sidecars reach it. Default: the Service's DNS name with the port
+    /// of --agent-addr.
+    #[arg(long, env = "APIPOLICY_AGENT_URL")]
+    pub agent_url: Option<String>,
     /// Serve the agent API over plain HTTP without checking tokens. Local development only:
     /// anyone who reaches the port can read configs and write SLO reports.
     #[arg(long, env = "APIPOLICY_INSECURE_AGENT_API")]
     pub insecure_agent_api: bool,
-    /// The agent API's certificate chain (PEM), reloaded when the file changes. Without it a
-    /// certificate is generated at start.
+    /// The certificate chain (PEM) the webhook and the agent API serve, reloaded when the file
+    /// changes. Without it the operator makes a CA and a certificate, keeps them in the Secret
+    /// apipolicy-operator-tls and renews the certificate itself.
     #[arg(long, env = "APIPOLICY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "APIPOLICY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// The namespace of the leader-election Lease and of the operator's Service. Default: the
-    /// namespace of the in-cluster service account, or the kubeconfig context's.
+    /// With --tls-cert: the CA (PEM) that signed it, which sidecars and the webhook configuration
+    /// trust. Default: `ca.crt` beside --tls-cert, when there is one (as in cert-manager's Secrets).
+    #[arg(long, env = "APIPOLICY_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// The namespace of the leader-election Lease, the certificate Secret and the operator's
+    /// Service. Default: POD_NAMESPACE, else the namespace of the in-cluster service account or
+    /// of the kubeconfig context.
     #[arg(long, env = "APIPOLICY_NAMESPACE")]
     pub namespace: Option<String>,
     /// This replica's name in the Lease. Default: the host name and a random suffix.
     #[arg(long, env = "APIPOLICY_IDENTITY")]
     pub identity: Option<String>,
+    /// The image of the injected sidecar.
+    #[arg(long, env = "APIPOLICY_SIDECAR_IMAGE", default_value_t = inject::default_image())]
+    pub sidecar_image: String,
+    /// Inject the sidecar as a native sidecar (an init container with `restartPolicy: Always`),
+    /// else as a plain container. Clusters before 1.32 do not route a Service's named port to a
+    /// native sidecar, so there the operator falls back to a plain container by itself.
+    #[arg(long, env = "APIPOLICY_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub native_sidecar: bool,
+    /// The sidecar's CPU request; empty for none. Pods may override it with the annotation
+    /// apipolicy.dev/sidecar-cpu-request (and likewise for the three below).
+    #[arg(long, env = "APIPOLICY_SIDECAR_CPU_REQUEST", default_value = "50m", value_parser = quantity)]
+    pub sidecar_cpu_request: String,
+    /// The sidecar's memory request; empty for none.
+    #[arg(long, env = "APIPOLICY_SIDECAR_MEMORY_REQUEST", default_value = "32Mi", value_parser = quantity)]
+    pub sidecar_memory_request: String,
+    /// The sidecar's CPU limit; empty for none. It also sets the sidecar's worker threads.
+    #[arg(long, env = "APIPOLICY_SIDECAR_CPU_LIMIT", default_value = "", value_parser = quantity)]
+    pub sidecar_cpu_limit: String,
+    /// The sidecar's memory limit; empty for none.
+    #[arg(long, env = "APIPOLICY_SIDECAR_MEMORY_LIMIT", default_value = "128Mi", value_parser = quantity)]
+    pub sidecar_memory_limit: String,
+}
+
+/// A Kubernetes quantity, or empty.
+fn quantity(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || inject::quantity_value(s).is_some() {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a Kubernetes quantity (write it like 50m, 1, 32Mi or 1Gi)"))
+    }
+}
+
+impl RunArgs {
+    /// The sidecar's resources as the flags set them.
+    pub fn sidecar_resources(&self) -> Resources {
+        let set = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Resources {
+            cpu_request: set(&self.sidecar_cpu_request),
+            memory_request: set(&self.sidecar_memory_request),
+            cpu_limit: set(&self.sidecar_cpu_limit),
+            memory_limit: set(&self.sidecar_memory_limit),
+        }
+    }
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -74,7 +151,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(crate::run::run(args)) {
+            match runtime.block_on(crate::run::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "the operator stopped");
@@ -112,4 +189,56 @@ fn init_tracing() {
 pub fn crd_yaml() -> String {
     let yaml = serde_yaml::to_string(&apipolicy_api::ApiPolicy::crd()).expect("the CRD serializes");
     format!("# Generated by `apipolicy-operator crd`; do not edit.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(flags: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["apipolicy-operator", "run"].iter().chain(flags))?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_flags_and_their_defaults() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.webhook_addr.port(), 9443);
+        assert_eq!(args.agent_addr.port(), 8443);
+        assert_eq!(args.metrics_addr.port(), 8080);
+        assert_eq!(args.failure_policy, FailurePolicy::Ignore);
+        assert!(args.native_sidecar && args.manage_webhook);
+        assert_eq!(args.webhook_configuration, "apipolicy-injector");
+        assert_eq!(args.sidecar_image, format!("ghcr.io/apipolicy/apipolicy:{}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(args.sidecar_resources(), Resources::defaults());
+
+        let args = run_args(&[
+            "--failure-policy",
+            "Fail",
+            "--native-sidecar",
+            "false",
+            "--manage-webhook",
+            "false",
+            "--sidecar-cpu-limit",
+            "2",
+            "--sidecar-memory-limit",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(args.failure_policy, FailurePolicy::Fail);
+        assert!(!args.native_sidecar && !args.manage_webhook);
+        let r = args.sidecar_resources();
+        assert_eq!((r.cpu_limit.as_deref(), r.memory_limit), (Some("2"), None));
+
+        for bad in [
+            &["--failure-policy", "Sometimes"][..],
+            &["--sidecar-memory-request", "lots"],
+            &["--tls-ca", "ca.crt"],
+        ] {
+            assert!(run_args(bad).is_err(), "{bad:?}");
+        }
+    }
 }

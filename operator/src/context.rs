@@ -63,6 +63,8 @@ pub struct Context {
     pub clock: Clock,
     /// Set once every cache has been filled.
     pub ready: Arc<AtomicBool>,
+    /// The CA (PEM) of the agent API's certificate, written beside each config for the sidecars.
+    pub ca: ArcSwapOption<String>,
 }
 
 pub fn key_of(policy: &ApiPolicy) -> PolicyKey {
@@ -94,6 +96,7 @@ impl Context {
             triggers,
             clock,
             ready: Arc::new(AtomicBool::new(false)),
+            ca: ArcSwapOption::empty(),
         }
     }
 

@@ -114,6 +114,11 @@ pub async fn reconcile(policy: Arc<ApiPolicy>, ctx: Arc<Context>) -> Result<Acti
         revision,
         census,
         slos: figures,
+        port_problems: if matches!(verdict, Verdict::Accepted) {
+            status::port_problems(&policy, &pods)
+        } else {
+            Vec::new()
+        },
         now: Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH),
     });
     if policy.status.as_ref() != Some(&desired) {
@@ -164,7 +169,8 @@ async fn apply_config_map(
     namespace: &str,
     config: &SidecarConfig,
 ) -> Result<()> {
-    let desired = render::config_map(policy, config);
+    let ca = ctx.ca.load_full();
+    let desired = render::config_map(policy, config, ca.as_deref().map(String::as_str));
     let name = desired.metadata.name.clone().expect("rendered with a name");
     let existing = ctx.stores.config_maps.get(&ObjectRef::new(&name).within(namespace));
     if existing.is_some_and(|e| render::config_map_is_current(&e, &desired)) {
@@ -426,6 +432,41 @@ mod tests {
         // Unchanged: not written again.
         let mocks = verifier.run(Scenario::Nothing);
         reconcile(Arc::new(policy), ctx.clone()).await.unwrap();
+        timeout_after_1s(mocks).await;
+    }
+
+    #[tokio::test]
+    async fn the_ca_is_written_beside_the_config() {
+        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
+        let (ctx, verifier) = Context::test(Seed {
+            policies: vec![policy.clone()],
+            config_maps: vec![config_map],
+            ..Seed::default()
+        });
+        ctx.ca.store(Some(Arc::new("CA PEM".into())));
+        let mocks = verifier.run(Scenario::CaWritten(policy.clone(), "CA PEM".into()));
+        reconcile(Arc::new(policy), ctx).await.unwrap();
+        timeout_after_1s(mocks).await;
+    }
+
+    #[tokio::test]
+    async fn a_pod_with_an_unnamed_upstream_port_puts_a_condition_on_the_policy() {
+        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
+        let mut unnamed = pod("products-1", &[("app", "products")], None, None);
+        unnamed.spec = Some(
+            serde_json::from_value(
+                json!({"containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]}),
+            )
+            .unwrap(),
+        );
+        let (ctx, verifier) = Context::test(Seed {
+            policies: vec![policy.clone()],
+            config_maps: vec![config_map],
+            pods: vec![unnamed],
+            ..Seed::default()
+        });
+        let mocks = verifier.run(Scenario::PortUnnamed(policy.clone(), "products-1".into()));
+        reconcile(Arc::new(policy), ctx).await.unwrap();
         timeout_after_1s(mocks).await;
     }
 

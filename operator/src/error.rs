@@ -64,6 +64,24 @@ pub enum Error {
     #[error("generating a certificate: {0}")]
     Certificate(#[from] rcgen::Error),
 
+    #[error("reading or writing the certificate Secret {namespace}/{name}: {source}")]
+    CertificateSecret {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("applying MutatingWebhookConfiguration {name}: {source}")]
+    ApplyWebhook {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("{0}")]
+    Configuration(String),
+
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -102,6 +120,9 @@ impl Error {
             Self::ReadFile { .. } => "read_file",
             Self::Tls { .. } => "tls",
             Self::Certificate(_) => "certificate",
+            Self::CertificateSecret { .. } => "certificate_secret",
+            Self::ApplyWebhook { .. } => "apply_webhook",
+            Self::Configuration(_) => "configuration",
             Self::Bind { .. } => "bind",
             Self::Metrics(_) => "metrics",
             Self::EncodeHistory(_) => "encode_history",

@@ -128,10 +128,11 @@ pub fn reconciled(mut policy: ApiPolicy) -> (ApiPolicy, ConfigMap) {
         revision: Some(config.revision.clone()),
         census: Census::default(),
         slos: figures,
+        port_problems: Vec::new(),
         now: Timestamp::from_millisecond(TEST_NOW_MS as i64).expect("a valid time"),
     });
     policy.status = Some(status);
-    let cm = render::config_map(&policy, &config);
+    let cm = render::config_map(&policy, &config, None);
     (policy, cm)
 }
 
@@ -190,6 +191,10 @@ pub enum Scenario {
     PrometheusRule(ApiPolicy),
     /// TokenReviews, answered in order: (expected token, answer).
     TokenReviews(Vec<(String, Option<TokenReviewStatus>)>),
+    /// The ConfigMap written again, now with this CA beside the config; nothing else.
+    CaWritten(ApiPolicy, String),
+    /// A status with the PortUnnamed condition naming this pod.
+    PortUnnamed(ApiPolicy, String),
 }
 
 pub async fn timeout_after_1s(handle: tokio::task::JoinHandle<ApiServerVerifier>) -> ApiServerVerifier {
@@ -299,6 +304,20 @@ impl ApiServerVerifier {
                         .await
                 }
                 Scenario::PrometheusRule(p) => self.prometheus_rule(&p).await,
+                Scenario::CaWritten(p, ca) => self.config_map_with_ca(&p, &ca).await.expect_nothing().await,
+                Scenario::PortUnnamed(p, pod) => {
+                    self.status(&p, |s| {
+                        let c = s
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == status::PORT_UNNAMED)
+                            .expect("PortUnnamed");
+                        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "PortUnnamed"));
+                        assert!(c.message.contains(&format!("such as {pod}: ")), "{}", c.message);
+                        assert!(c.message.contains("targetPort"), "{}", c.message);
+                    })
+                    .await
+                }
                 Scenario::TokenReviews(answers) => {
                     let mut me = self;
                     for (token, answer) in answers {
@@ -348,6 +367,19 @@ impl ApiServerVerifier {
         let config = &body["data"][render::CONFIG_KEY];
         let config: Value = serde_json::from_str(config.as_str().expect("config text")).unwrap();
         assert_eq!(config["revision"], revision);
+        send.send_response(ok(serde_json::to_vec(&body).unwrap()));
+        self
+    }
+
+    async fn config_map_with_ca(mut self, p: &ApiPolicy, ca: &str) -> Self {
+        let (request, send) = self.next().await;
+        Self::assert_apply(
+            &request,
+            &format!("/api/v1/namespaces/shop/configmaps/apipolicy-{}", p.name_any()),
+        );
+        let body = Self::body(request).await;
+        assert_eq!(body["data"][render::CA_KEY], ca);
+        assert!(body["data"][render::CONFIG_KEY].is_string());
         send.send_response(ok(serde_json::to_vec(&body).unwrap()));
         self
     }

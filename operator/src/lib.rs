@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod budgets;
+pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod conflict;
@@ -12,6 +13,7 @@ pub mod error;
 #[cfg(test)]
 mod fixtures;
 pub mod hub;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod render;
@@ -20,3 +22,4 @@ pub mod serve;
 pub mod slo_merge;
 pub mod status;
 pub mod tls;
+pub mod webhook;

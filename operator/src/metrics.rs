@@ -24,6 +24,10 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Objects written, by kind.
     pub writes: IntCounterVec,
+    /// Admission reviews of the injection webhook, by result.
+    pub admissions: IntCounterVec,
+    /// When the served certificate expires (Unix seconds).
+    pub certificate_expiry: IntGauge,
 }
 
 impl Metrics {
@@ -59,6 +63,19 @@ impl Metrics {
             Opts::new("apipolicy_operator_writes_total", "Objects written to the API server, by kind"),
             &["kind"],
         )?;
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_operator_admissions_total",
+                "Pods reviewed by the injection webhook, by result: injected, refused, a skip reason, or error",
+            ),
+            &["result"],
+        )?;
+        let certificate_expiry = IntGauge::new(
+            "apipolicy_operator_certificate_expiry_timestamp_seconds",
+            "When the certificate the webhook and the agent API serve expires",
+        )?;
+        registry.register(Box::new(admissions.clone()))?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -77,6 +94,8 @@ impl Metrics {
             token_reviews,
             leader,
             writes,
+            admissions,
+            certificate_expiry,
         })
     }
 

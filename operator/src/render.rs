@@ -21,6 +21,8 @@ pub const POLICY_LABEL: &str = "apipolicy.dev/policy";
 pub const REVISION_ANNOTATION: &str = "apipolicy.dev/revision";
 /// The key of the compiled SidecarConfig (JSON) in the policy's ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
+/// The key of the CA (PEM) that signs the agent API's certificate, which the sidecar trusts.
+pub const CA_KEY: &str = "ca.crt";
 /// The key of the gzipped SLO history in `apipolicy-<name>-slo`.
 pub const HISTORY_KEY: &str = "history.json.gz";
 
@@ -51,16 +53,21 @@ fn meta(policy: &ApiPolicy, name: String, annotations: Option<BTreeMap<String, S
     }
 }
 
-/// `apipolicy-<name>`: the compiled config the injector mounts into the sidecar.
-pub fn config_map(policy: &ApiPolicy, config: &SidecarConfig) -> ConfigMap {
+/// `apipolicy-<name>`: the compiled config the injector mounts into the sidecar, and the CA of
+/// the agent API when the operator has one.
+pub fn config_map(policy: &ApiPolicy, config: &SidecarConfig, ca: Option<&str>) -> ConfigMap {
     let json = serde_json::to_string_pretty(config).expect("a SidecarConfig always serializes");
+    let mut data = BTreeMap::from([(CONFIG_KEY.to_owned(), json)]);
+    if let Some(ca) = ca {
+        data.insert(CA_KEY.to_owned(), ca.to_owned());
+    }
     ConfigMap {
         metadata: meta(
             policy,
             config_map_name(&policy.name_any()),
             Some(BTreeMap::from([(REVISION_ANNOTATION.to_owned(), config.revision.clone())])),
         ),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), json)])),
+        data: Some(data),
         ..ConfigMap::default()
     }
 }
@@ -196,8 +203,9 @@ mod tests {
     fn config_map_carries_the_config_owner_and_revision() {
         let policy = quickstart();
         let config = apipolicy_api::compile(&policy).unwrap();
-        let cm = config_map(&policy, &config);
+        let cm = config_map(&policy, &config, None);
         assert_eq!(cm.metadata.name.as_deref(), Some("apipolicy-products"));
+        assert!(!cm.data.as_ref().unwrap().contains_key(CA_KEY));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("shop"));
         let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
@@ -221,6 +229,12 @@ mod tests {
         let mut extra = cm.clone();
         extra.metadata.labels.as_mut().unwrap().insert("someone".into(), "else".into());
         assert!(config_map_is_current(&extra, &cm), "labels added by others do not matter");
+
+        // With a CA, the sidecar finds it beside the config; a new CA is a change to write.
+        let with_ca = config_map(&policy, &config, Some("-----BEGIN CERTIFICATE-----\n"));
+        assert_eq!(with_ca.data.as_ref().unwrap()[CA_KEY], "-----BEGIN CERTIFICATE-----\n");
+        assert!(!config_map_is_current(&cm, &with_ca));
+        assert!(!config_map_is_current(&with_ca, &config_map(&policy, &config, Some("another CA"))));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `apipolicy-operator run`: the caches, the controller, leader election, the agent API and
-//! the metrics endpoint, wired together and stopped in order on SIGTERM or Ctrl-C.
+//! `apipolicy-operator run`: the caches, the controller, leader election, the injection webhook,
+//! the agent API, the certificates and the metrics endpoint, wired together and stopped in order
+//! on SIGTERM or Ctrl-C.
 
 use std::{
     collections::HashMap,
@@ -10,7 +11,7 @@ use std::{
 
 use apipolicy_api::ApiPolicy;
 use futures::{StreamExt, channel::mpsc};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, PodStatus};
 use kube::{
     Api, Client, ResourceExt,
     core::GroupVersionKind,
@@ -20,23 +21,28 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     agent::AgentApi,
+    certs::{self, Bundle, CertStore},
     cli::RunArgs,
-    context::{Context, Stores, key_of, system_clock},
+    context::{Clock, Context, Stores, key_of, system_clock},
     controller,
     error::{Error, Result},
+    inject::InjectConfig,
     leader,
     metrics::{self, Metrics},
     render::MANAGED_BY_SELECTOR,
     serve::{self, Handler},
     tls::ServerTls,
+    webhook::{self, FailurePolicy, Target, Webhook},
 };
 
 /// Events a shared cache buffers for a slow subscriber before it waits.
 const SUBSCRIBE_BUFFER: usize = 1024;
-/// The operator's Service: the names its generated certificate is for.
+/// The default identity's stem when the host has no name.
 const SERVICE: &str = "apipolicy-operator";
 const RULES_CHECK: Duration = Duration::from_secs(300);
 const TLS_RELOAD_CHECK: Duration = Duration::from_secs(30);
+/// After a failed certificate check, the next try comes sooner than the hourly one.
+const CERT_RETRY: Duration = Duration::from_secs(60);
 
 /// Resolves once shutdown began.
 #[derive(Clone)]
@@ -77,16 +83,68 @@ fn default_identity() -> String {
     format!("{host}-{suffix}")
 }
 
-/// Keeps only what the operator reads of a pod, so that caching every pod stays cheap.
+/// Keeps only what the operator reads of a pod, so that caching every pod stays cheap: its
+/// metadata, phase and readiness, and the containers' ports (to explain pods whose port the
+/// injector cannot take over).
 fn slim_pod(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
-    pod.spec = None;
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| Container { name: c.name, ports: c.ports, ..Container::default() })
+            .collect(),
+        host_network: s.host_network,
+        ..PodSpec::default()
+    });
     if let Some(s) = pod.status.as_mut() {
         *s = PodStatus {
             phase: s.phase.take(),
             conditions: s.conditions.take().map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
             ..PodStatus::default()
         };
+    }
+}
+
+/// Kubernetes routes a Service's named port to a native sidecar's port from 1.32 on
+/// (kubernetes/kubernetes#127976); before, the port move needs a plain container.
+pub fn routes_named_sidecar_ports(major: &str, minor: &str) -> bool {
+    let number = |s: &str| s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok();
+    matches!((number(major), number(minor)), (Some(1), Some(m)) if m >= 32)
+        || number(major).is_some_and(|m| m > 1)
+}
+
+/// The CA of --tls-cert: --tls-ca, else `ca.crt` beside the certificate when there is one.
+fn read_ca(args: &RunArgs) -> Result<Option<String>> {
+    let path = match (&args.tls_ca, &args.tls_cert) {
+        (Some(ca), _) => ca.clone(),
+        (None, Some(cert)) => {
+            let beside = cert.with_file_name("ca.crt");
+            if !beside.exists() {
+                return Ok(None);
+            }
+            beside
+        }
+        (None, None) => return Ok(None),
+    };
+    std::fs::read_to_string(&path).map(Some).map_err(|source| Error::ReadFile { path, source })
+}
+
+/// What the webhook configuration is made of, so it can be written again with a new CA.
+struct WebhookSetup {
+    name: String,
+    target: Target,
+    failure: FailurePolicy,
+    namespace: String,
+}
+
+impl WebhookSetup {
+    async fn apply(&self, client: &Client, ca: &str) -> Result<()> {
+        let config =
+            webhook::configuration(&self.name, &self.target, Some(ca), self.failure, &self.namespace);
+        webhook::apply_configuration(client, &config).await?;
+        tracing::info!(name = %self.name, failure_policy = self.failure.as_str(), "applied the MutatingWebhookConfiguration");
+        Ok(())
     }
 }
 
@@ -107,32 +165,81 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("{banner}");
     }
     let client = Client::try_default().await.map_err(Error::Connect)?;
-    let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| client.default_namespace().to_owned());
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let metrics = Arc::new(Metrics::new()?);
+    let clock = system_clock();
     let stopping = on_signal();
 
-    let tls = if args.insecure_agent_api {
-        None
-    } else {
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => ServerTls::from_files(cert, key)?,
-            _ => {
-                let names = vec![
-                    format!("{SERVICE}.{namespace}.svc"),
-                    format!("{SERVICE}.{namespace}.svc.cluster.local"),
-                    "localhost".to_owned(),
-                ];
-                let (tls, ca) = ServerTls::generate(&names)?;
-                tracing::warn!(%ca, "no --tls-cert/--tls-key: the agent API serves a certificate from a CA made at start, which sidecars trust only when given this CA");
-                tls
+    let agent_url = args.agent_url.clone().unwrap_or_else(|| {
+        let scheme = if args.insecure_agent_api { "http" } else { "https" };
+        format!("{scheme}://{}.{namespace}.svc:{}", args.service_name, args.agent_addr.port())
+    });
+    // One certificate for the webhook and the agent API; the CA it chains to is the one the API
+    // server (caBundle) and the sidecars (ca.crt) trust.
+    let (tls, ca, store) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (ServerTls::from_files(cert, key)?, read_ca(&args)?, None),
+        _ => {
+            let urls: Vec<&str> =
+                args.webhook_url.iter().map(String::as_str).chain([agent_url.as_str()]).collect();
+            let store = CertStore::new(
+                client.clone(),
+                &namespace,
+                certs::names(&args.service_name, &namespace, &urls),
+            );
+            let (bundle, renewal) = store.ensure(clock()).await?;
+            if let Some(why) = renewal {
+                tracing::info!(?why, secret = %format!("{namespace}/{}", certs::SECRET), "issued certificates");
             }
-        };
-        Some(tls)
+            (ServerTls::from_pem(&bundle.cert, &bundle.key)?, Some(bundle.ca_cert), Some(store))
+        }
     };
-    // Bind before anything else, so a taken port fails the start rather than a later task.
+    note_expiry(&metrics, &tls);
+    warn_without_ca(&args, ca.as_deref());
+    let setup = WebhookSetup {
+        name: args.webhook_configuration.clone(),
+        target: match &args.webhook_url {
+            Some(url) => Target::Url(url.clone()),
+            None => Target::Service {
+                namespace: namespace.clone(),
+                name: args.service_name.clone(),
+                port: args.webhook_service_port,
+            },
+        },
+        failure: args.failure_policy,
+        namespace: namespace.clone(),
+    };
+    if args.manage_webhook {
+        let Some(ca) = ca.as_deref() else {
+            return Err(Error::Configuration(
+                "--manage-webhook writes the CA into the webhook configuration, but the CA of --tls-cert is \
+                 unknown: give --tls-ca, or drop --tls-cert so that the operator makes its own"
+                    .into(),
+            ));
+        };
+        setup.apply(&client, ca).await?;
+    }
+
+    let native_sidecar = args.native_sidecar && native_sidecars_route(&client).await;
+    let inject_config = InjectConfig {
+        image: args.sidecar_image.clone(),
+        native_sidecar,
+        // Without the CA an https:// agent API cannot be trusted; the sidecars then run from the
+        // ConfigMap alone.
+        operator_url: (args.insecure_agent_api || ca.is_some()).then(|| agent_url.clone()),
+        ca: ca.is_some(),
+        resources: args.sidecar_resources(),
+    };
+    tracing::info!(image = %inject_config.image, native_sidecar, operator = ?inject_config.operator_url, "injection settings");
+
+    // Bind before any task starts, so a taken port fails the start rather than a later task.
     let metrics_listener = serve::bind(args.metrics_addr).await?;
     let agent_listener = serve::bind(args.agent_addr).await?;
+    let webhook_listener = serve::bind(args.webhook_addr).await?;
 
     let (election_stop, election_stopped) = oneshot::channel::<()>();
     let (leader, election) = leader::elect(client.clone(), &namespace, &identity, async move {
@@ -156,8 +263,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         &identity,
         triggers,
-        system_clock(),
+        clock.clone(),
     ));
+    ctx.ca.store(ca.map(Arc::new));
 
     let wc = watcher::Config::default();
     let policy_reflector = {
@@ -202,9 +310,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(follow_leadership(ctx.clone())),
         tokio::spawn(discover_prometheus_rules(ctx.clone())),
     ];
-    if let Some(tls) = &tls {
-        background.push(tokio::spawn(reload_tls(tls.clone())));
-    }
+    background.push(match store {
+        Some(store) => tokio::spawn(rotate_certificates(
+            ctx.clone(),
+            store,
+            tls.clone(),
+            clock,
+            args.manage_webhook.then_some(setup),
+        )),
+        None => tokio::spawn(reload_tls(
+            ctx.clone(),
+            tls.clone(),
+            args.clone(),
+            args.manage_webhook.then_some(setup),
+        )),
+    });
 
     let admin: Handler = {
         let (metrics, ready_flag) = (metrics.clone(), ctx.ready.clone());
@@ -213,16 +333,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Box::pin(async move { reply })
         })
     };
+    let webhook = Webhook::new(policies.clone(), inject_config, Some(ctx.recorder.clone()), metrics.clone());
     let servers = [
         tokio::spawn(serve::serve(metrics_listener, None, admin, stopping.wait())),
         tokio::spawn(serve::serve(
             agent_listener,
-            tls.as_ref().map(ServerTls::acceptor),
+            (!args.insecure_agent_api).then(|| tls.acceptor()),
             AgentApi::new(ctx.clone(), args.insecure_agent_api).handler(),
             stopping.wait(),
         )),
+        tokio::spawn(serve::serve(
+            webhook_listener,
+            Some(tls.acceptor()),
+            webhook.handler(),
+            stopping.wait(),
+        )),
     ];
-    tracing::info!(agent = %args.agent_addr, metrics = %args.metrics_addr, tls = tls.is_some(), "serving");
+    tracing::info!(webhook = %args.webhook_addr, agent = %args.agent_addr, metrics = %args.metrics_addr, agent_tls = !args.insecure_agent_api, "serving");
 
     let mapper_store = policies.clone();
     Controller::for_shared_stream(policy_events, policies)
@@ -317,15 +444,171 @@ async fn discover_prometheus_rules(ctx: Arc<Context>) {
     }
 }
 
-async fn reload_tls(tls: ServerTls) {
+fn note_expiry(metrics: &Metrics, tls: &ServerTls) {
+    if let Some(ms) = certs::der_not_after_ms(&tls.leaf()) {
+        metrics.certificate_expiry.set((ms / 1000) as i64);
+    }
+}
+
+fn warn_without_ca(args: &RunArgs, ca: Option<&str>) {
+    if ca.is_none() && !args.insecure_agent_api {
+        tracing::warn!(
+            "the CA of --tls-cert is unknown (no --tls-ca, no ca.crt beside it): injected sidecars are not given \
+             the agent API and run from their ConfigMap alone"
+        );
+    }
+}
+
+/// Whether to inject native sidecars as asked: the API server's version says whether the port
+/// move works with them.
+async fn native_sidecars_route(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(v) if routes_named_sidecar_ports(&v.major, &v.minor) => true,
+        Ok(v) => {
+            tracing::warn!(
+                version = %format!("{}.{}", v.major, v.minor),
+                "this cluster does not route a Service's named port to a native sidecar (Kubernetes 1.32 does); \
+                 injecting the sidecar as a plain container"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the API server's version is unknown; injecting native sidecars as asked");
+            true
+        }
+    }
+}
+
+/// Tells every policy to write its ConfigMap again: the CA in it changed.
+fn spread_ca(ctx: &Context, ca: String) {
+    ctx.ca.store(Some(Arc::new(ca)));
+    for policy in ctx.stores.policies.state() {
+        ctx.trigger(&key_of(&policy));
+    }
+}
+
+/// The operator's own certificates: renewed well before expiry and swapped into the running
+/// servers; a new CA goes to the webhook configuration and the sidecars' ConfigMaps.
+async fn rotate_certificates(
+    ctx: Arc<Context>,
+    store: CertStore,
+    tls: ServerTls,
+    clock: Clock,
+    webhook: Option<WebhookSetup>,
+) {
+    let mut written_ca = ctx.ca.load_full().map(|ca| (*ca).clone());
+    loop {
+        let wait = match rotate_once(&ctx, &store, &tls, &clock).await {
+            Ok(bundle) => {
+                if written_ca.as_deref() != Some(bundle.ca_cert.as_str()) {
+                    tracing::warn!(
+                        "the CA changed; updating the webhook configuration and every policy's ConfigMap"
+                    );
+                    spread_ca(&ctx, bundle.ca_cert.clone());
+                    let applied = match &webhook {
+                        Some(w) => w.apply(&ctx.client, &bundle.ca_cert).await,
+                        None => Ok(()),
+                    };
+                    match applied {
+                        Ok(()) => written_ca = Some(bundle.ca_cert),
+                        Err(e) => {
+                            tracing::error!(error = %e, "updating the webhook configuration failed; retrying")
+                        }
+                    }
+                }
+                if written_ca.is_some() { certs::CHECK_INTERVAL } else { CERT_RETRY }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checking the certificates failed; serving the current ones");
+                CERT_RETRY
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn rotate_once(ctx: &Context, store: &CertStore, tls: &ServerTls, clock: &Clock) -> Result<Bundle> {
+    let (bundle, renewal) = store.ensure(clock()).await?;
+    if let Some(why) = renewal {
+        tracing::info!(?why, "renewed the certificates");
+    }
+    if tls.serve_pem(&bundle.cert, &bundle.key)? {
+        tracing::info!("serving the renewed certificate");
+        note_expiry(&ctx.metrics, tls);
+    }
+    Ok(bundle)
+}
+
+/// Certificates from files (cert-manager): reloaded when the files change, and a new CA passed
+/// on to the sidecars and, when the operator keeps it, the webhook configuration.
+async fn reload_tls(ctx: Arc<Context>, tls: ServerTls, args: RunArgs, webhook: Option<WebhookSetup>) {
     loop {
         tokio::time::sleep(TLS_RELOAD_CHECK).await;
         match tls.reload() {
-            Ok(true) => tracing::info!("reloaded the agent API's certificate"),
+            Ok(true) => {
+                tracing::info!("reloaded the certificate");
+                note_expiry(&ctx.metrics, &tls);
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, "the new certificate files are unusable; serving the previous ones")
             }
         }
+        match read_ca(&args) {
+            Ok(Some(ca)) if ctx.ca.load().as_deref() != Some(&ca) => {
+                tracing::info!("the CA file changed; passing the new CA on");
+                if let Some(w) = &webhook
+                    && let Err(e) = w.apply(&ctx.client, &ca).await
+                {
+                    // The CA is compared again at the next check, and this retried.
+                    tracing::error!(error = %e, "updating the webhook configuration failed; retrying");
+                    continue;
+                }
+                spread_ca(&ctx, ca);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "the CA file is unreadable; keeping the previous CA"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_sidecars_get_named_ports_from_1_32() {
+        for (major, minor, expected) in [
+            ("1", "28", false),
+            ("1", "31+", false),
+            ("1", "32", true),
+            ("1", "33+", true),
+            ("2", "0", true),
+            ("", "", false),
+        ] {
+            assert_eq!(routes_named_sidecar_ports(major, minor), expected, "{major}.{minor}");
+        }
+    }
+
+    #[test]
+    fn slim_pods_keep_ports_and_drop_the_rest() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"hostNetwork": true, "containers": [{"name": "app", "image": "web:1", "env": [{"name": "A", "value": "1"}],
+                     "ports": [{"name": "http", "containerPort": 8080}]}], "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [
+                {"type": "Ready", "status": "True"}, {"type": "PodScheduled", "status": "True"}]},
+        }))
+        .unwrap();
+        slim_pod(&mut pod);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        assert!(spec.volumes.is_none());
+        let c = &spec.containers[0];
+        assert_eq!((c.name.as_str(), c.image.as_deref(), c.env.as_ref()), ("app", None, None));
+        assert_eq!(c.ports.as_ref().unwrap()[0].name.as_deref(), Some("http"));
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!((status.pod_ip.as_deref(), status.conditions.as_ref().unwrap().len()), (None, 1));
+        assert!(pod.metadata.managed_fields.is_none());
     }
 }

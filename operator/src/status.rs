@@ -11,10 +11,16 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 
-use crate::conflict::{is_live, selects};
+use crate::{
+    conflict::{is_live, selects},
+    inject::{self, Problem},
+};
 
 pub const ACCEPTED: &str = "Accepted";
 pub const PROGRAMMED: &str = "Programmed";
+/// Present while some of the policy's pods declare the upstream port in a way the injector
+/// cannot take over: it says what to change.
+pub const PORT_UNNAMED: &str = "PortUnnamed";
 
 /// Set by the injector on every pod it gives a sidecar: the governing policy's name.
 pub const POLICY_ANNOTATION: &str = "apipolicy.dev/policy";
@@ -118,6 +124,26 @@ pub fn census(
     c
 }
 
+/// The live pods of the policy, without a sidecar and not opted out, whose upstream port the
+/// injector cannot take over (unnamed or undeclared), by name. Pods whose spec the cache does not
+/// hold are not judged.
+pub fn port_problems(policy: &ApiPolicy, pods: &[Arc<Pod>]) -> Vec<(String, Problem)> {
+    let namespace = policy.namespace();
+    pods.iter()
+        .filter(|p| is_live(p) && p.namespace() == namespace && p.spec.is_some())
+        .filter(|p| selects(&policy.spec.selector, p.labels()))
+        .filter(|p| !p.annotations().contains_key(POLICY_ANNOTATION))
+        .filter(|p| !inject::opted_out(p))
+        .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true))
+        .filter_map(|p| match inject::upstream_port(p, policy.spec.upstream.port) {
+            Err(e @ (Problem::PortUnnamed { .. } | Problem::PortNotDeclared { .. })) => {
+                Some((p.name_any(), e))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -140,6 +166,8 @@ pub struct Observed<'a> {
     pub census: Census,
     /// Each SLO's figures, `lastUpdated` set to when they were computed.
     pub slos: Vec<SloStatus>,
+    /// Pods the policy cannot take over because of their ports (see [`port_problems`]).
+    pub port_problems: Vec<(String, Problem)>,
     pub now: Timestamp,
 }
 
@@ -180,6 +208,23 @@ pub fn desired(o: Observed<'_>) -> ApiPolicyStatus {
         }
     };
     let programmed_cond = condition(PROGRAMMED, programmed, reason, message, generation, previous, o.now);
+    let mut conditions = vec![accepted_cond, programmed_cond];
+    if let Some((pod, problem)) = o.port_problems.first() {
+        let count = o.port_problems.len();
+        let message = format!(
+            "{count} pod(s) without a sidecar, such as {pod}: {}",
+            problem.message(&o.policy.name_any())
+        );
+        conditions.push(condition(
+            PORT_UNNAMED,
+            true,
+            problem.reason(),
+            message,
+            generation,
+            previous,
+            o.now,
+        ));
+    }
 
     let slos = settle_slos(o.slos, previous.map(|p| p.slos.as_slice()).unwrap_or_default());
     let lowest = slos.iter().map(|s| s.error_budget_remaining).reduce(f64::min);
@@ -187,7 +232,7 @@ pub fn desired(o: Observed<'_>) -> ApiPolicyStatus {
     ApiPolicyStatus {
         observed_generation: generation,
         config_revision: o.revision,
-        conditions: vec![accepted_cond, programmed_cond],
+        conditions,
         pods: Some(PodCounts {
             matched: c.matched,
             injected: c.injected,
@@ -392,6 +437,7 @@ mod tests {
                 revision: revision.map(str::to_owned),
                 census,
                 slos: vec![],
+                port_problems: vec![],
                 now: ts(1000),
             });
             let [a, pr] = [&s.conditions[0], &s.conditions[1]];
@@ -415,6 +461,7 @@ mod tests {
             revision: Some(REV.into()),
             census: Census { matched: 0, injected: 0, current: 0, ready: 0 },
             slos: vec![],
+            port_problems: vec![],
             now: ts(5),
         });
         assert_eq!(done.conditions[1].status, "True");
@@ -426,6 +473,7 @@ mod tests {
             revision: Some(REV.into()),
             census: Census { matched: 4, injected: 2, current: 2, ready: 2 },
             slos: vec![],
+            port_problems: vec![],
             now: ts(5),
         });
         assert_eq!(partial.conditions[1].reason, "Pending");
@@ -445,6 +493,7 @@ mod tests {
                 slo("availability", 50.0, SloState::Healthy, "t1"),
                 slo("latency", -3.0, SloState::Exhausted, "t1"),
             ],
+            port_problems: vec![],
             now: ts(100),
         });
         assert_eq!(first.lowest_error_budget_remaining, Some(-3.0));
@@ -461,6 +510,7 @@ mod tests {
                 slo("availability", 50.0, SloState::Healthy, "t2"),
                 slo("latency", -3.0, SloState::Exhausted, "t2"),
             ],
+            port_problems: vec![],
             now: ts(200),
         });
         assert_eq!(again, first);
@@ -475,6 +525,7 @@ mod tests {
                 slo("availability", 49.0, SloState::Critical, "t3"),
                 slo("latency", -3.0, SloState::Exhausted, "t3"),
             ],
+            port_problems: vec![],
             now: ts(300),
         });
         assert_eq!(moved.slos[0].last_updated.as_deref(), Some("t3"));
@@ -495,6 +546,7 @@ mod tests {
                 revision: revision.map(str::to_owned),
                 census,
                 slos: vec![],
+                port_problems: vec![],
                 now: ts(1),
             })
         };
@@ -519,6 +571,67 @@ mod tests {
         assert!(n[0].warning && n[0].reason == "InvalidSpec" && n[0].note == "1 problem(s): spec.x: bad");
         assert!(notices(Some(&invalid), &invalid, cm).is_empty(), "no repeat while nothing changes");
         assert_eq!(notices(None, &conflicted, cm)[0].reason, "Conflicted");
+    }
+
+    #[test]
+    fn pods_whose_port_cannot_be_taken_over_get_a_condition_saying_what_to_change() {
+        let mut p = policy_at("web", "app", "web", 1);
+        let with = |name: &str, ports: serde_json::Value, annotations: serde_json::Value| -> Arc<Pod> {
+            let mut pod = pod(name, &[("app", "web")], None, None);
+            pod.metadata.annotations = serde_json::from_value(annotations).unwrap();
+            pod.spec = Some(
+                serde_json::from_value(serde_json::json!({"containers": [{"name": "app", "ports": ports}]}))
+                    .unwrap(),
+            );
+            Arc::new(pod)
+        };
+        let none = serde_json::json!({});
+        let unnamed = serde_json::json!([{"containerPort": 8080}]);
+        let pods = vec![
+            with("a", unnamed.clone(), none.clone()),
+            with("b", serde_json::json!([{"name": "http", "containerPort": 8080}]), none.clone()),
+            with("c", serde_json::json!([]), none.clone()),
+            with("d", unnamed.clone(), serde_json::json!({POLICY_ANNOTATION: "web"})),
+            with("e", unnamed.clone(), serde_json::json!({inject::INJECT_ANNOTATION: "false"})),
+            Arc::new(pod("f", &[("app", "web")], None, None)),
+        ];
+        let problems = port_problems(&p, &pods);
+        assert_eq!(
+            problems,
+            vec![
+                ("a".to_owned(), Problem::PortUnnamed { container: "app".into(), port: 8080 }),
+                ("c".to_owned(), Problem::PortNotDeclared { port: 8080 }),
+            ]
+        );
+        let observe = |p: &ApiPolicy, port_problems: Vec<(String, Problem)>, now: i64| {
+            desired(Observed {
+                policy: p,
+                verdict: &Verdict::Accepted,
+                revision: Some(REV.into()),
+                census: Census::default(),
+                slos: vec![],
+                port_problems,
+                now: ts(now),
+            })
+        };
+        let s = observe(&p, problems, 10);
+        let c = &s.conditions[2];
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            (PORT_UNNAMED, "True", "PortUnnamed")
+        );
+        assert!(
+            c.message.starts_with(
+                "2 pod(s) without a sidecar, such as a: ApiPolicy web: container app declares port 8080 without a name"
+            ),
+            "{}",
+            c.message
+        );
+        p.status = Some(s);
+        // The pods were fixed: the condition goes.
+        let fixed = observe(&p, vec![], 20);
+        assert_eq!(fixed.conditions.len(), 2);
+        assert!(fixed.conditions.iter().all(|c| c.type_ != PORT_UNNAMED));
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! TLS for the operator's HTTPS servers (the agent API now, the injection webhook beside it):
-//! one server config whose certificate can be swapped while serving, loaded from PEM files and
-//! reloaded when they change (cert-manager or a mounted Secret rotates them), or generated.
+//! TLS for the operator's HTTPS servers (the injection webhook and the agent API): one server
+//! config whose certificate can be swapped while serving, loaded from PEM files and reloaded when
+//! they change (cert-manager rotates them), or handed over by the operator's own certificate
+//! rotation (`certs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -92,11 +93,20 @@ impl ServerTls {
         Self::new(certified, Some(files))
     }
 
-    /// Serves a certificate signed by a CA made on the spot, for `names`; returns the CA's PEM,
-    /// which clients must trust.
-    pub fn generate(names: &[String]) -> Result<(Self, String)> {
-        let (ca, cert, key) = issue(names)?;
-        Ok((Self::new(certified_key(cert.as_bytes(), key.as_bytes(), "a generated certificate")?, None)?, ca))
+    /// Serves a PEM certificate chain and key; [`ServerTls::serve_pem`] replaces them.
+    pub fn from_pem(cert: &str, key: &str) -> Result<Self> {
+        Self::new(certified_key(cert.as_bytes(), key.as_bytes(), "the serving certificate")?, None)
+    }
+
+    /// Serves this certificate from the next handshake on, unless it is already served. Returns
+    /// whether it was swapped in.
+    pub fn serve_pem(&self, cert: &str, key: &str) -> Result<bool> {
+        let certified = certified_key(cert.as_bytes(), key.as_bytes(), "the serving certificate")?;
+        if self.key.0.load().cert == certified.cert {
+            return Ok(false);
+        }
+        self.key.0.store(Arc::new(certified));
+        Ok(true)
     }
 
     /// Swaps in the files' certificate when they changed; a bad new pair keeps the old one.
@@ -125,26 +135,15 @@ impl ServerTls {
     }
 }
 
-/// A new CA and a certificate it signs for `names`: (CA PEM, certificate PEM, key PEM).
-pub fn issue(names: &[String]) -> Result<(String, String, String)> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "apipolicy-operator CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(names.to_vec())?;
-    params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{certs, fixtures::TEST_NOW_MS};
+
+    fn issue(name: &str) -> (String, String, String) {
+        let b = certs::issue(&[name.to_owned()], TEST_NOW_MS).unwrap();
+        (b.ca_cert, b.cert, b.key)
+    }
 
     #[test]
     fn files_load_reload_and_bad_files_keep_the_old_certificate() {
@@ -152,14 +151,14 @@ mod tests {
             std::env::temp_dir().join(format!("apipolicy-tls-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-        let (_, c1, k1) = issue(&["one.example".into()]).unwrap();
+        let (_, c1, k1) = issue("one.example");
         std::fs::write(&cert, &c1).unwrap();
         std::fs::write(&key, &k1).unwrap();
         let tls = ServerTls::from_files(&cert, &key).unwrap();
         let first = tls.leaf();
         assert!(!tls.reload().unwrap(), "unchanged files");
 
-        let (_, c2, k2) = issue(&["two.example".into()]).unwrap();
+        let (_, c2, k2) = issue("two.example");
         std::fs::write(&cert, &c2).unwrap();
         std::fs::write(&key, &k2).unwrap();
         // Make the change visible even on filesystems with coarse timestamps.
@@ -173,6 +172,13 @@ mod tests {
         let err = tls.reload().unwrap_err().to_string();
         assert!(err.contains("does not belong"), "{err}");
         assert_ne!(tls.leaf(), first);
+
+        // A pair handed over in memory is swapped in the same way.
+        let (_, c3, k3) = issue("three.example");
+        assert!(tls.serve_pem(&c3, &k3).unwrap());
+        assert!(!tls.serve_pem(&c3, &k3).unwrap(), "already served");
+        assert!(tls.serve_pem(&c3, &k1).is_err());
+        assert_eq!(ServerTls::from_pem(&c3, &k3).unwrap().leaf(), tls.leaf());
 
         std::fs::write(&cert, "garbage").unwrap();
         assert!(ServerTls::from_files(&cert, &key).is_err());

@@ -171,10 +171,332 @@ fn check_prints_every_problem_with_file_document_and_path() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The injection webhook over real HTTPS, fed AdmissionReview JSON as the API server sends it.
+mod webhook_over_https {
+    use std::{sync::Arc, time::Duration};
+
+    use apipolicy_api::ApiPolicy;
+    use apipolicy_operator::{
+        certs,
+        inject::InjectConfig,
+        metrics::Metrics,
+        serve,
+        tls::ServerTls,
+        webhook::{PATH, Webhook},
+    };
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode, header};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use k8s_openapi::ByteString;
+    use kube::runtime::{reflector, watcher};
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use serde_json::{Value, json};
+    use tokio::{net::TcpStream, sync::oneshot};
+
+    use super::ROOT;
+
+    fn products() -> ApiPolicy {
+        let text = std::fs::read_to_string(format!("{ROOT}/examples/quickstart.yaml")).unwrap();
+        let mut p: ApiPolicy = serde_yaml::from_str(&text).unwrap();
+        p.metadata.uid = Some("0b5e7c1e-policy".into());
+        p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        ));
+        p
+    }
+
+    struct Server {
+        port: u16,
+        ca: String,
+        _stop: oneshot::Sender<()>,
+        /// A cache whose writer is gone fails at once instead of staying unfilled.
+        _writer: reflector::store::Writer<ApiPolicy>,
+    }
+
+    /// The webhook on a loopback port, with its policy cache filled (or never, when `filled` is
+    /// false) and a certificate for `localhost`.
+    async fn start(policies: Vec<ApiPolicy>, filled: bool) -> Server {
+        let (store, mut writer) = reflector::store::<ApiPolicy>();
+        if filled {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for p in policies {
+                writer.apply_watcher_event(&watcher::Event::InitApply(p));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let bundle = certs::issue(&["localhost".into()], now).unwrap();
+        let tls = ServerTls::from_pem(&bundle.cert, &bundle.key).unwrap();
+        let config = InjectConfig {
+            operator_url: Some("https://apipolicy-operator.apipolicy-system.svc:8443".into()),
+            ca: true,
+            ..InjectConfig::new("ghcr.io/apipolicy/apipolicy:e2e")
+        };
+        let handler = Webhook::new(store, config, None, Arc::new(Metrics::new().unwrap())).handler();
+        let listener = serve::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(serve::serve(listener, Some(tls.acceptor()), handler, async move {
+            let _ = stopped.await;
+        }));
+        Server { port, ca: bundle.ca_cert, _stop: stop, _writer: writer }
+    }
+
+    /// A POST over HTTPS that trusts only the webhook's CA, with the protocol the server picks
+    /// by ALPN (the API server speaks HTTP/2 when offered).
+    async fn post(server: &Server, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(server.ca.as_bytes()).unwrap()).unwrap();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("the webhook's certificate verifies against its CA");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://localhost:{}{path}?timeout=5s", server.port))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+            .await
+            .expect("the webhook answers")
+            .unwrap();
+        let status = response.status();
+        (status, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    /// A pod of a Deployment as the API server hands it to mutating webhooks: defaulted, with
+    /// the service-account volume, no name yet.
+    fn deployment_pod(annotations: Value, port: Value) -> Value {
+        json!({
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": {
+                "generateName": "products-7c9d8b6f4-",
+                "namespace": "shop",
+                "creationTimestamp": null,
+                "labels": {"app": "products", "pod-template-hash": "7c9d8b6f4"},
+                "annotations": annotations,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "products-7c9d8b6f4",
+                                     "uid": "1d5e2e8a-3b1f-4c61-9f3a-6a7b0c2d9e11", "controller": true, "blockOwnerDeletion": true}],
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                                   "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}}]
+            },
+            "spec": {
+                "volumes": [{"name": "kube-api-access-x8r2p", "projected": {"sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+                ], "defaultMode": 420}}],
+                "containers": [{
+                    "name": "products",
+                    "image": "registry.example/products:1.4.2",
+                    "ports": [port],
+                    "resources": {"requests": {"cpu": "100m"}},
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http", "scheme": "HTTP"},
+                                       "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3},
+                    "volumeMounts": [{"name": "kube-api-access-x8r2p", "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent"
+                }],
+                "restartPolicy": "Always",
+                "terminationGracePeriodSeconds": 30,
+                "dnsPolicy": "ClusterFirst",
+                "serviceAccountName": "default",
+                "serviceAccount": "default",
+                "securityContext": {},
+                "schedulerName": "default-scheduler",
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+                "priority": 0,
+                "enableServiceLinks": true,
+                "preemptionPolicy": "PreemptLowerPriority"
+            },
+            "status": {}
+        })
+    }
+
+    fn review(uid: &str, pod: &Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "kind": "AdmissionReview",
+            "apiVersion": "admission.k8s.io/v1",
+            "request": {
+                "uid": uid,
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": "CREATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                             "uid": "5a0c1c63-8a5e-4b1e-9d39-1b2f6f0f6c1a",
+                             "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system", "system:authenticated"]},
+                "object": pod,
+                "oldObject": null,
+                "dryRun": false,
+                "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
+            }
+        }))
+        .unwrap()
+    }
+
+    /// The response of an AdmissionReview, checked for what the API server requires.
+    fn response_of(body: &[u8], uid: &str) -> Value {
+        let review: Value = serde_json::from_slice(body).expect("a JSON answer");
+        assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(review["kind"], "AdmissionReview");
+        let response = review["response"].clone();
+        assert_eq!(response["uid"], uid);
+        assert_eq!(response["allowed"], true, "pods are never refused");
+        response
+    }
+
+    /// The pod after the API server applied the response's patch (base64 JSON Patch).
+    fn apply(pod: &Value, response: &Value) -> Value {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes: ByteString = serde_json::from_value(response["patch"].clone()).expect("a base64 patch");
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes.0).expect("a JSON Patch");
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &patch).expect("the patch applies to the pod that was sent");
+        patched
+    }
+
+    /// What the injector adds, written out in full.
+    fn sidecar() -> Value {
+        json!({
+            "name": "apipolicy-sidecar",
+            "image": "ghcr.io/apipolicy/apipolicy:e2e",
+            "command": ["apipolicy-sidecar"],
+            "restartPolicy": "Always",
+            "ports": [{"name": "http", "containerPort": 15080, "protocol": "TCP"},
+                      {"name": "apipolicy-admin", "containerPort": 15090, "protocol": "TCP"}],
+            "env": [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "APIPOLICY_POLICY", "value": "/etc/apipolicy/config.json"},
+                {"name": "APIPOLICY_UPSTREAM", "value": "http://127.0.0.1:8080"},
+                {"name": "APIPOLICY_LISTEN", "value": "0.0.0.0:15080"},
+                {"name": "APIPOLICY_ADMIN", "value": "0.0.0.0:15090"},
+                {"name": "APIPOLICY_DRAIN_DELAY", "value": "5s"},
+                {"name": "APIPOLICY_THREADS", "value": "2"},
+                {"name": "APIPOLICY_TOKEN_FILE", "value": "/var/run/secrets/apipolicy.dev/token"},
+                {"name": "APIPOLICY_OPERATOR", "value": "https://apipolicy-operator.apipolicy-system.svc:8443"},
+                {"name": "APIPOLICY_CA_FILE", "value": "/etc/apipolicy/ca.crt"}
+            ],
+            "volumeMounts": [
+                {"name": "apipolicy-config", "mountPath": "/etc/apipolicy", "readOnly": true},
+                {"name": "apipolicy-token", "mountPath": "/var/run/secrets/apipolicy.dev", "readOnly": true}
+            ],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "apipolicy-admin"}, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "apipolicy-admin"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
+            "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            "securityContext": {
+                "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false, "privileged": false,
+                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}
+            },
+            "terminationMessagePolicy": "FallbackToLogsOnError"
+        })
+    }
+
+    #[tokio::test]
+    async fn a_deployments_pod_comes_back_with_the_sidecar_and_its_port() {
+        let policy = products();
+        let revision = apipolicy_api::compile(&policy).unwrap().revision;
+        let server = start(vec![policy], true).await;
+        let pod = deployment_pod(
+            json!({"team": "shop"}),
+            json!({"name": "http", "containerPort": 8080, "protocol": "TCP"}),
+        );
+
+        let (status, body) = post(&server, PATH, review("a1b2c3d4-0001", &pod)).await;
+        assert_eq!(status, StatusCode::OK);
+        let response = response_of(&body, "a1b2c3d4-0001");
+        assert!(response.get("warnings").is_none(), "{response}");
+        let patched = apply(&pod, &response);
+
+        let mut expected = pod.clone();
+        expected["metadata"]["annotations"]["apipolicy.dev/policy"] = json!("products");
+        expected["metadata"]["annotations"]["apipolicy.dev/injected-revision"] = json!(revision);
+        expected["spec"]["containers"][0]["ports"][0]["name"] = json!("app-http");
+        expected["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = json!("app-http");
+        expected["spec"]["initContainers"] = json!([sidecar()]);
+        let volumes = expected["spec"]["volumes"].as_array_mut().unwrap();
+        volumes.push(json!({"name": "apipolicy-config", "configMap": {"name": "apipolicy-products"}}));
+        volumes.push(json!({"name": "apipolicy-token", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "apipolicy.dev", "expirationSeconds": 3600, "path": "token"}}
+        ]}}));
+        assert_eq!(patched, expected, "the patched pod\n{patched:#}");
+
+        // The API server calls again when another webhook changed the pod (reinvocation): no
+        // second sidecar, no patch.
+        let (_, body) = post(&server, PATH, review("a1b2c3d4-0002", &patched)).await;
+        let again = response_of(&body, "a1b2c3d4-0002");
+        assert!(again.get("patch").is_none() && again.get("patchType").is_none(), "{again}");
+    }
+
+    #[tokio::test]
+    async fn pods_it_leaves_alone_are_admitted_unchanged() {
+        let server = start(vec![products()], true).await;
+        let named = json!({"name": "http", "containerPort": 8080});
+        let cases = [
+            ("opted out", deployment_pod(json!({"apipolicy.dev/inject": "false"}), named.clone()), None),
+            (
+                "unnamed port",
+                deployment_pod(json!({}), json!({"containerPort": 8080})),
+                Some("declares port 8080 without a name"),
+            ),
+        ];
+        for (i, (case, pod, warning)) in cases.into_iter().enumerate() {
+            let uid = format!("uid-{i}");
+            let (status, body) = post(&server, PATH, review(&uid, &pod)).await;
+            assert_eq!(status, StatusCode::OK, "{case}");
+            let response = response_of(&body, &uid);
+            assert!(response.get("patch").is_none(), "{case}: {response}");
+            match warning {
+                Some(w) => {
+                    assert!(response["warnings"][0].as_str().unwrap().contains(w), "{case}: {response}")
+                }
+                None => assert!(response.get("warnings").is_none(), "{case}: {response}"),
+            }
+        }
+        let (status, _) =
+            post(&server, "/validate", review("x", &deployment_pod(json!({}), named.clone()))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, body) = post(&server, PATH, b"{\"kind\": \"Nonsense\"}".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    }
+
+    #[tokio::test]
+    async fn before_the_cache_is_filled_it_fails_so_the_failure_policy_decides() {
+        let server = start(vec![products()], false).await;
+        let pod = deployment_pod(json!({}), json!({"name": "http", "containerPort": 8080}));
+        let (status, _) = post(&server, PATH, review("u", &pod)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
+
 /// The end-to-end suite, against whatever cluster `KUBECONFIG` names: it installs the CRD,
 /// starts the operator out of cluster, applies every example and some invalid policies in a
-/// namespace of its own, checks what `kubectl get apipolicies` shows, and cleans up. Without a
-/// reachable cluster it says so and passes.
+/// namespace of its own, checks what `kubectl get apipolicies` shows, has pods injected through
+/// the webhook (when the API server can reach this machine), and cleans up. Without a reachable
+/// cluster it says so and passes.
 mod e2e {
     use std::{
         process::{Child, Command, Stdio},
@@ -184,12 +506,15 @@ mod e2e {
     use apipolicy_api::ApiPolicy;
     use futures::FutureExt;
     use k8s_openapi::{
-        api::core::v1::{ConfigMap, Namespace},
+        api::{
+            admissionregistration::v1::MutatingWebhookConfiguration,
+            core::v1::{ConfigMap, Container, Namespace, Node, Pod},
+        },
         apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     };
     use kube::{
         Api, Client, ResourceExt,
-        api::{DeleteParams, Patch, PatchParams},
+        api::{DeleteParams, Patch, PatchParams, PostParams},
     };
     use serde::Deserialize;
     use serde_json::{Value, json};
@@ -237,10 +562,18 @@ mod e2e {
                 .await
                 .unwrap();
             let log = std::env::temp_dir().join(format!("{ns}.log"));
-            let mut operator = start_operator(&ns, &log);
-            let outcome = std::panic::AssertUnwindSafe(suite(&client, &ns, &operator.1)).catch_unwind().await;
+            let host = webhook_host(&client).await;
+            // A configuration of its own, so that an operator installed in the cluster is untouched.
+            let webhook_config = format!("apipolicy-injector-{ns}");
+            let mut operator = start_operator(&ns, &log, host.as_deref(), &webhook_config);
+            let injection = host.is_some().then_some(webhook_config.as_str());
+            let outcome = std::panic::AssertUnwindSafe(suite(&client, &ns, &operator.1, injection))
+                .catch_unwind()
+                .await;
             let _ = operator.0.kill();
             let _ = operator.0.wait();
+            let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+            let _ = configs.delete(&webhook_config, &DeleteParams::default()).await;
             let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
             if let Err(panic) = outcome {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -269,12 +602,50 @@ mod e2e {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
-    /// The operator, and its (agent, metrics) ports.
-    fn start_operator(ns: &str, log: &std::path::Path) -> (Child, (u16, u16)) {
-        let (agent, metrics) = (free_port(), free_port());
+    /// An address of this machine that the API server reaches: APIPOLICY_E2E_WEBHOOK_HOST, or on
+    /// kind the gateway of the nodes' docker network.
+    async fn webhook_host(client: &Client) -> Option<String> {
+        if let Ok(host) = std::env::var("APIPOLICY_E2E_WEBHOOK_HOST")
+            && !host.is_empty()
+        {
+            return Some(host);
+        }
+        let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await.ok()?;
+        let kind = nodes.items.iter().find(|n| {
+            n.spec.as_ref().and_then(|s| s.provider_id.as_deref()).is_some_and(|p| p.starts_with("kind://"))
+        })?;
+        let addresses = kind.status.as_ref()?.addresses.as_ref()?;
+        let ip: std::net::Ipv4Addr =
+            addresses.iter().find(|a| a.type_ == "InternalIP")?.address.parse().ok()?;
+        let [a, b, c, _] = ip.octets();
+        Some(format!("{a}.{b}.{c}.1"))
+    }
+
+    /// The operator, and its (agent, metrics) ports. With a host the API server reaches, its
+    /// webhook listens there and it installs its webhook configuration, pointing at that host.
+    fn start_operator(
+        ns: &str,
+        log: &std::path::Path,
+        host: Option<&str>,
+        config: &str,
+    ) -> (Child, (u16, u16)) {
+        let (agent, metrics, webhook) = (free_port(), free_port(), free_port());
         let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--insecure-agent-api", "--namespace", ns, "--webhook-addr", "127.0.0.1:0"])
+        let mut command = Command::new(BIN);
+        command.args(["run", "--insecure-agent-api", "--namespace", ns, "--webhook-configuration", config]);
+        match host {
+            // Fail, not Ignore: a webhook the API server cannot reach shows as an error.
+            Some(host) => command.args([
+                "--webhook-addr",
+                &format!("0.0.0.0:{webhook}"),
+                "--webhook-url",
+                &format!("https://{host}:{webhook}/mutate"),
+                "--failure-policy",
+                "Fail",
+            ]),
+            None => command.args(["--webhook-addr", "127.0.0.1:0", "--manage-webhook", "false"]),
+        };
+        let child = command
             .args([
                 "--agent-addr",
                 &format!("127.0.0.1:{agent}"),
@@ -304,6 +675,84 @@ mod e2e {
     }
 
     /// A plain HTTP GET on the loopback: (status, body).
+    fn sidecar(pod: &Pod) -> Option<&Container> {
+        let spec = pod.spec.as_ref()?;
+        spec.init_containers.iter().flatten().chain(&spec.containers).find(|c| c.name == "apipolicy-sidecar")
+    }
+
+    /// Pods created in the labelled namespace come back injected, unless opted out.
+    async fn injection(client: &Client, ns: &str, config: &str, revision: &str) {
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let installed = eventually("the operator installed its webhook configuration", || async {
+            configs.get_opt(config).await.ok()?
+        })
+        .await;
+        let hook = &installed.webhooks.as_ref().unwrap()[0];
+        assert!(hook.client_config.url.as_deref().is_some_and(|u| u.ends_with("/mutate")), "{hook:?}");
+        assert!(hook.client_config.ca_bundle.is_some(), "the CA is in the configuration");
+        Api::<Namespace>::all(client.clone())
+            .patch(
+                ns,
+                &PatchParams::apply(MANAGER),
+                &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": ns, "labels": {"apipolicy.dev/injection": "enabled"}}})),
+            )
+            .await
+            .unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let pod = |prefix: &str, annotations: Value| -> Pod {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": prefix, "labels": {"app": "products"}, "annotations": annotations},
+                "spec": {"containers": [{"name": "products", "image": "registry.k8s.io/pause:3.10",
+                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+            }))
+            .unwrap()
+        };
+        // The API server may take a moment to call a new configuration; a pod created before is
+        // deleted and made again.
+        let injected = eventually("a pod of the labelled namespace comes back injected", || async {
+            match pods.create(&PostParams::default(), &pod("injected-", json!({}))).await {
+                Ok(p) if sidecar(&p).is_some() => Some(p),
+                Ok(p) => {
+                    let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
+                    None
+                }
+                Err(e) => {
+                    eprintln!("e2e: creating a pod failed (retrying): {e}");
+                    None
+                }
+            }
+        })
+        .await;
+        assert_eq!(injected.annotations()["apipolicy.dev/policy"], "products");
+        assert_eq!(injected.annotations()["apipolicy.dev/injected-revision"], revision);
+        let s = sidecar(&injected).unwrap();
+        assert_eq!(
+            s.ports.as_ref().unwrap()[0].name.as_deref(),
+            Some("http"),
+            "the sidecar took the port's name"
+        );
+        let app = &injected.spec.as_ref().unwrap().containers[0];
+        assert_eq!(app.ports.as_ref().unwrap()[0].name.as_deref(), Some("app-http"));
+        let volumes = injected.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(
+            volumes.iter().any(|v| v.config_map.as_ref().is_some_and(|c| c.name == "apipolicy-products"))
+        );
+
+        let opted_out = pods
+            .create(&PostParams::default(), &pod("opted-out-", json!({"apipolicy.dev/inject": "false"})))
+            .await
+            .unwrap();
+        assert!(sidecar(&opted_out).is_none(), "an opted-out pod has no sidecar");
+        assert!(!opted_out.annotations().contains_key("apipolicy.dev/policy"));
+        let app = &opted_out.spec.as_ref().unwrap().containers[0];
+        assert_eq!(app.ports.as_ref().unwrap()[0].name.as_deref(), Some("http"));
+        for p in [injected, opted_out] {
+            let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
+        }
+    }
+
     async fn get(port: u16, path: &str) -> Option<(u16, String)> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -352,7 +801,7 @@ mod e2e {
         out
     }
 
-    async fn suite(client: &Client, ns: &str, &(agent, metrics): &(u16, u16)) {
+    async fn suite(client: &Client, ns: &str, &(agent, metrics): &(u16, u16), webhook_config: Option<&str>) {
         eventually("the operator is ready", || async {
             (get(metrics, "/readyz").await?.0 == 200).then_some(())
         })
@@ -468,6 +917,14 @@ mod e2e {
             let text = String::from_utf8_lossy(&out.stdout);
             let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
             assert_eq!(header, ["NAME", "ACCEPTED", "PODS", "BUDGET", "SLO", "AGE"], "{text}");
+        }
+
+        match webhook_config {
+            Some(config) => injection(client, ns, config, &revision).await,
+            None => println!(
+                "e2e: injection SKIPPED: set APIPOLICY_E2E_WEBHOOK_HOST to an address of this machine that the API \
+                 server reaches (on kind it is found by itself)"
+            ),
         }
 
         // Deleting a policy deletes its ConfigMap.

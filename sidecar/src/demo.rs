@@ -47,13 +47,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!(
         "\nApiPolicy demo: the sidecar on http://{p} runs {policy} in front of a demo products API on http://{app_addr}.\n\
          Edit the policy file and it reloads. Try:\n\n\
-         \x20 curl -i http://{p}/api/products/7                  # proxied, with X-Request-Id\n\
+         \x20 curl -si http://{p}/api/products -o /dev/null -D -     # cached: Cache-Status, ETag, Cache-Control (run it twice)\n\
+         \x20 curl -si http://{p}/api/products -H 'Accept-Encoding: br' -o /dev/null -D -   # compressed once, kept in the cache\n\
+         \x20 curl -si http://{p}/api/products -H 'If-None-Match: <the ETag>'            # 304\n\
          \x20 curl -i http://{p}/api/slow                        # the app takes 1.5s, the route allows 1s: 504 problem+json\n\
-         \x20 curl -i http://{p}/api/flaky                       # the app fails one request in five\n\
-         \x20 curl -i -X POST -d 'x' http://{p}/api/auth/login\n\
+         \x20 for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://{p}/api/auth/login; done   # 5 then 429\n\
+         \x20 for i in $(seq 20); do curl -s -o /dev/null http://{p}/api/flaky; done; curl -s http://{a}/slo   # the error budget\n\
+         \x20 curl -s -X POST http://{a}/purge -d '{{\"keys\": [\"products\"]}}'\n\
          \x20 curl -s http://{a}/metrics | grep '^apipolicy_'\n\
-         \x20 curl -s http://{a}/readyz\n\
-         \x20 curl -s http://{a}/config\n\n\
+         \x20 curl -s http://{a}/readyz\n\n\
          Ctrl-C stops it.\n",
         policy = policy.display()
     );

@@ -103,7 +103,10 @@ pub async fn serve(
     for _ in 0..3 {
         let now = SystemTime::now();
         match store.lookup(&key, &client_headers, now) {
-            Lookup::Fresh(e, headers) => {
+            Lookup::Fresh(e, _) => {
+                // The stored headers with a current Age (the policy's own copy rewrites Date
+                // in RFC 2822 form, which is not an HTTP date).
+                let headers = with_age(&e, now);
                 route.cache_lookups.hit.inc();
                 let ttl = e.policy.time_to_live(now).as_secs();
                 return Ok(respond(

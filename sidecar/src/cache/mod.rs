@@ -230,8 +230,12 @@ impl Store {
                 v.iter().map(|e| e.weight()).sum::<u64>().min(u32::MAX as u64) as u32
             })
             .eviction_listener(move |key: Arc<u64>, variants: Arc<Variants>, cause| {
-                listener_index.lock().unwrap_or_else(|p| p.into_inner()).remove(*key, &variants);
-                if cause == moka::notification::RemovalCause::Size {
+                use moka::notification::RemovalCause;
+                // A replaced value's key stays in use: its new value is indexed already.
+                if cause != RemovalCause::Replaced {
+                    listener_index.lock().unwrap_or_else(|p| p.into_inner()).remove(*key, &variants);
+                }
+                if cause == RemovalCause::Size {
                     evictions.inc();
                 }
             })
