@@ -116,10 +116,15 @@ async fn purge(sidecar: &Sidecar, req: Request<Incoming>) -> Response<Full<Bytes
     if purge.keys.is_empty() && purge.paths.is_empty() {
         return problem(StatusCode::BAD_REQUEST, "name at least one surrogate key (keys) or path (paths)");
     }
-    let store = &sidecar.proxy.active.load().store;
-    let purged = store.purge_keys(&purge.keys) + store.purge_paths(&purge.paths);
-    tracing::info!(keys = ?purge.keys, paths = ?purge.paths, purged, "cache purged");
-    json_response(StatusCode::OK, &json!({ "purged": purged }))
+    let active = sidecar.proxy.active.load_full();
+    let purged = active.store.purge_keys(&purge.keys) + active.store.purge_paths(&purge.paths);
+    // With Redis, every pod of the policy purges too, and the shared tier is retired.
+    let shared = match &active.shared_cache {
+        Some(s) => s.purge(&purge.keys, &purge.paths).await,
+        None => false,
+    };
+    tracing::info!(keys = ?purge.keys, paths = ?purge.paths, purged, shared, "cache purged");
+    json_response(StatusCode::OK, &json!({ "purged": purged, "shared": shared }))
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response<Full<Bytes>> {

@@ -19,7 +19,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::{
     body::UpstreamBody,
-    cache::Store,
+    cache::{Store, shared::Shared},
     clientip::TrustedProxies,
     error::ProxyError,
     health::Health,
@@ -47,6 +47,8 @@ pub struct Active {
     pub health: Arc<Health>,
     /// The response cache, shared by every config.
     pub store: Arc<Store>,
+    /// Its tier in Redis, when the policy has Redis.
+    pub shared_cache: Option<Arc<Shared>>,
     /// The SLOs, in config order, and for each route the ones that count it.
     pub slos: Vec<Arc<Tracker>>,
     pub route_slos: Vec<Vec<usize>>,
@@ -76,7 +78,9 @@ fn redis_store(
         .iter()
         .filter_map(|r| r.rate_limit.as_ref())
         .any(|l| l.scope == apipolicy_api::Scope::Global);
-    if !global {
+    let shared_cache = config.spec.routes.iter().any(|r| r.cache.as_ref().is_some_and(|c| c.store));
+    let configured = config.spec.redis.is_some() || settings.redis.is_some();
+    if !(global || (shared_cache && configured)) {
         return None;
     }
     let spec = config.spec.redis.as_ref();
@@ -86,7 +90,7 @@ fn redis_store(
     };
     if urls.is_empty() {
         tracing::warn!(
-            "scope: Global limits need Redis: pass --redis (APIPOLICY_REDIS) with the URL from spec.redis.secretRef; until then onStoreFailure applies"
+            "spec.redis names a Secret: pass --redis (APIPOLICY_REDIS) with its URL; until then Global limits apply onStoreFailure and the cache stays in memory"
         );
         return None;
     }
@@ -266,6 +270,13 @@ impl Active {
             _ => Arc::new(Health::start(&config.spec.health_checks, &upstream, metrics)),
         };
         let slos = settings.slos.apply(&config);
+        let shared_cache = redis
+            .as_ref()
+            .filter(|_| config.spec.routes.iter().any(|r| r.cache.is_some()))
+            .map(|r| match previous.and_then(|p| p.shared_cache.clone()).filter(|s| s.same(r, &scope)) {
+                Some(s) => s,
+                None => Shared::new(r.clone(), scope.clone(), settings.store.clone()),
+            });
         let route_slos = config
             .spec
             .routes
@@ -294,6 +305,7 @@ impl Active {
             redis,
             health,
             store: settings.store.clone(),
+            shared_cache,
             slos,
             route_slos,
         })

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use super::{
     CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
     refuse_to_store,
+    shared::{FillLock, Shared},
 };
 use crate::{
     body::{Buffered, ProxyBody, UpstreamBody, buffer},
@@ -166,6 +167,41 @@ pub async fn serve(
                 }
             }
             Err(guard) => {
+                // Another pod may have it, or be fetching it.
+                let mut lock = None;
+                if let Some(shared) = &active.shared_cache {
+                    let found = match from_shared(shared, config, &key, &client_headers).await {
+                        Some(e) => Some((e, "detail=shared")),
+                        None => match shared.lock(key.hash, route.timeout).await {
+                            FillLock::Acquired(token) => {
+                                lock = Some(token);
+                                None
+                            }
+                            FillLock::Held => wait_for_shared(shared, config, route, &key, &client_headers)
+                                .await
+                                .map(|e| (e, "detail=shared-fill")),
+                            FillLock::Unavailable => None,
+                        },
+                    };
+                    if let Some((e, detail)) = found {
+                        let now = SystemTime::now();
+                        store.insert(&key, e.clone(), &client_headers, now);
+                        guard.finish(Flight::Stored);
+                        route.cache_lookups.hit.inc();
+                        let kind = format!("hit; ttl={}; {detail}", e.policy.time_to_live(now).as_secs());
+                        return Ok(respond(
+                            active,
+                            route,
+                            &e,
+                            with_age(&e, now),
+                            &kind,
+                            &client_headers,
+                            head,
+                            &key,
+                        )
+                        .await);
+                    }
+                }
                 let (resp, outcome) = fill(
                     active,
                     route,
@@ -182,6 +218,9 @@ pub async fn serve(
                 )
                 .await;
                 guard.finish(outcome);
+                if let (Some(shared), Some(token)) = (&active.shared_cache, lock) {
+                    shared.unlock(key.hash, &token).await;
+                }
                 return resp;
             }
         }
@@ -288,6 +327,9 @@ async fn fill(
         route.cache_lookups.revalidated.inc();
         let fresh = Arc::new(refreshed(old, key, client_headers, resp.headers(), now));
         store.insert(key, fresh.clone(), client_headers, now);
+        if let Some(shared) = &active.shared_cache {
+            shared.put(key, &fresh, client_headers, now).await;
+        }
         let r = respond(
             active,
             route,
@@ -345,6 +387,9 @@ async fn fill(
             }
             let e = Arc::new(entry(config, key, client_headers, status, parts.headers, bytes, now));
             store.insert(key, e.clone(), client_headers, now);
+            if let Some(shared) = &active.shared_cache {
+                shared.put(key, &e, client_headers, now).await;
+            }
             let ttl = e.policy.time_to_live(now).as_secs();
             let kind = format!("{miss_kind}; stored; ttl={ttl}");
             let headers = with_age(&e, now);
@@ -478,6 +523,7 @@ fn spawn_revalidation(
 /// `Content-Location` when they are on the same host.
 pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
     let store = &active.store;
+    let mut hashes = vec![target.hash];
     store.invalidate(target.hash);
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(v) = response.get(&name).and_then(|v| v.to_str().ok()) else { continue };
@@ -487,7 +533,50 @@ pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
         }
         let other = CacheKey::new(&target.host, uri.path(), uri.query());
         store.invalidate(other.hash);
+        hashes.push(other.hash);
     }
+    if let Some(shared) = active.shared_cache.clone() {
+        // Other pods and Redis forget it too, off the request's path.
+        tokio::spawn(async move {
+            for h in hashes {
+                shared.invalidate(h).await;
+            }
+        });
+    }
+}
+
+/// A shared entry this request may be served from now.
+async fn from_shared(
+    shared: &Shared,
+    config: &CacheConfig,
+    key: &CacheKey,
+    request: &HeaderMap,
+) -> Option<Arc<Entry>> {
+    let e = shared.get(config, key).await?;
+    let req = super::CacheRequest { uri: &key.uri, headers: request };
+    matches!(
+        http_cache_semantics::CachePolicy::before_request(&e.policy, &req, SystemTime::now()),
+        http_cache_semantics::BeforeRequest::Fresh(_)
+    )
+    .then(|| Arc::new(e))
+}
+
+/// While another pod fills the URL: look for its entry until the route's timeout.
+async fn wait_for_shared(
+    shared: &Shared,
+    config: &CacheConfig,
+    route: &RouteRuntime,
+    key: &CacheKey,
+    request: &HeaderMap,
+) -> Option<Arc<Entry>> {
+    let deadline = tokio::time::Instant::now() + route.timeout;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if let Some(e) = from_shared(shared, config, key, request).await {
+            return Some(e);
+        }
+    }
+    None
 }
 
 /// A copy of a request head (extensions aside, which a background request does not need).

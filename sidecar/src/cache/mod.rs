@@ -9,6 +9,7 @@
 
 pub mod conditional;
 pub mod flow;
+pub mod shared;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -241,6 +241,44 @@ impl RedisStore {
         })
     }
 
+    /// Runs one command under the timeout and the circuit breaker (shared with the limits: a
+    /// Redis that fails one fails both).
+    pub async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        if self.now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            return Err(StoreError::CircuitOpen);
+        }
+        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let result = tokio::time::timeout(self.timeout, async {
+            match (*conn).clone() {
+                Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(v)) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.fail();
+                Err(StoreError::Redis(e))
+            }
+            Err(_) => {
+                self.fail();
+                Err(StoreError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    fn fail(&self) {
+        self.errors.inc();
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_FAILURES {
+            self.failures.store(0, Ordering::Relaxed);
+            self.open_until_ms.store(self.now_ms() + BREAKER_OPEN.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Reaches Redis now: for readiness reporting and tests.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;

@@ -266,7 +266,10 @@ async fn unsafe_requests_invalidate_and_purges_remove() {
             (status, serde_json::from_slice::<serde_json::Value>(&out).unwrap())
         }
     };
-    assert_eq!(purge(r#"{"keys": ["item-8"]}"#).await, (StatusCode::OK, serde_json::json!({"purged": 1})));
+    assert_eq!(
+        purge(r#"{"keys": ["item-8"]}"#).await,
+        (StatusCode::OK, serde_json::json!({"purged": 1, "shared": false}))
+    );
     assert_eq!(fetch(&c, tagged.clone(), &[]).await.2["n"].as_u64(), Some(2));
     let (status, out) = purge(r#"{"keys": ["catalog"]}"#).await;
     assert_eq!((status, out["purged"].as_u64()), (StatusCode::OK, Some(2)), "both URLs of the route");

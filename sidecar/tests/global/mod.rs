@@ -285,3 +285,82 @@ async fn a_dead_or_stuck_redis_falls_back_as_configured_and_never_holds_requests
         String::from_utf8(get(&c, format!("http://{}/metrics", sc.admin_addr)).await.2.to_vec()).unwrap();
     assert!(metric(&text, "apipolicy_ratelimit_store_errors_total").unwrap() >= 5.0, "{text}");
 }
+
+const CACHED: &str = "  - name: cached
+    match: {path: {prefix: /app/cached}, methods: [GET, HEAD]}
+    cache: {maxAge: 60s, surrogateKeys: [catalog]}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
+    if !have_redis() {
+        return;
+    }
+    let up = Upstream::start().await;
+    let dir = TempDir::new("shared-cache");
+    let redis = Redis::start(&dir, &[]);
+    let mut pods = sidecars(3, &dir, &up.url(), CACHED, &redis.url(), "2s").await;
+    let c = client();
+    // Clients reach every pod by the Service's one host name, which is part of the cache key.
+    let get_from = |pod: &Handle, path: &str| {
+        let (c, url) = (c.clone(), format!("http://{}{path}", pod.proxy_addr));
+        async move {
+            let req = Request::get(url).header("host", "api.test").body(empty()).unwrap();
+            let (status, h, body) = send(&c, req).await;
+            let n = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["n"].as_u64();
+            (status, h.get("cache-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default(), n)
+        }
+    };
+    // Pod 0 fills; pod 1, which never saw the URL, starts warm from Redis.
+    let (_, status, n) = get_from(&pods[0], "/app/cached/warm").await;
+    assert!(status.contains("stored") && n == Some(1), "{status}");
+    let (_, status, n) = get_from(&pods[1], "/app/cached/warm").await;
+    assert!(status.contains("detail=shared"), "{status}");
+    assert_eq!((n, up.hits("/app/cached/warm")), (Some(1), 1));
+
+    // Ten requests on each of three pods, at once, for a cold URL the app takes 300 ms on:
+    // one request reaches the app.
+    let mut tasks = Vec::new();
+    for pod in &pods {
+        for _ in 0..10 {
+            let (c, url) = (c.clone(), format!("http://{}/app/cached/cold?ms=300", pod.proxy_addr));
+            let req = Request::get(url).header("host", "api.test").body(empty()).unwrap();
+            tasks.push(tokio::spawn(async move { send(&c, req).await.0 }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(up.hits("/app/cached/cold"), 1, "one fill for 30 requests on 3 pods");
+
+    // A purge on one pod reaches the others' memory and retires the shared tier.
+    let (_, _, n) = get_from(&pods[2], "/app/cached/warm").await;
+    assert_eq!(n, Some(1));
+    let purge = Request::post(format!("http://{}/purge", pods[0].admin_addr))
+        .body(full(r#"{"keys": ["catalog"]}"#))
+        .unwrap();
+    let (status, _, body) = send(&c, purge).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["shared"], true);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, status, _) = get_from(&pods[2], "/app/cached/warm").await;
+        if !status.contains("hit") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod 2 still serves the purged entry: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.hits("/app/cached/warm"), 2, "refilled once");
+
+    // Redis gone: the memory tier goes on, and no request waits on Redis past its timeout.
+    drop(redis);
+    let (status, cache, _) = get_from(&pods[2], "/app/cached/warm").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache.contains("hit"), "{cache}");
+    let t = Instant::now();
+    let (status, _, _) = get_from(&pods[1], "/app/cached/new").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    pods.clear();
+}
