@@ -1,0 +1,1 @@
+//! Cross-crate system tests live in `tests/`; this crate has no code of its own.
