@@ -62,7 +62,12 @@ async fn the_sidecar_runs_what_the_operator_compiles() {
         let file = dir.join("config.json");
         std::fs::write(&file, serde_json::to_vec(&compiled).unwrap()).unwrap();
         let from_configmap = start(options(file)).await.unwrap();
-        assert_eq!(running_revision(from_configmap.admin_addr).await, compiled.revision, "{}", path.display());
+        assert_eq!(
+            running_revision(from_configmap.admin_addr).await,
+            compiled.revision,
+            "{}",
+            path.display()
+        );
         from_configmap.shutdown();
         from_configmap.wait().await;
         seen += 1;
