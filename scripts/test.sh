@@ -20,5 +20,10 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# --- tiers 1-3: unit, system and operator tests ----------------------------------------
+# --- tiers 1-3 (and 5, which skips without a cluster): unit, system, operator tests ----
 cargo test --workspace --locked
+
+# --- tier 4: the chart, and the dashboards and alerts against a live Prometheus ----------
+scripts/chart-checks.sh
+# The debug build the tests just made is enough to feed Prometheus; no release build needed.
+APIPOLICY_SIDECAR_BIN=target/debug/apipolicy-sidecar scripts/observability-checks.sh
