@@ -21,9 +21,15 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # --- tiers 1-3 (and 5, which skips without a cluster): unit, system, operator tests ----
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
 
 # --- tier 4: the chart, and the dashboards and alerts against a live Prometheus ----------
 scripts/chart-checks.sh
 # The debug build the tests just made is enough to feed Prometheus; no release build needed.
 APIPOLICY_SIDECAR_BIN=target/debug/apipolicy-sidecar scripts/observability-checks.sh
+
+# --- one closing line for the whole run --------------------------------------------------
+read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
+echo "tests: $passed passed, $failed failed"
