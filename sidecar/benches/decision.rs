@@ -15,7 +15,10 @@
 //!
 //! Plain `std::time::Instant` loops: a warm-up, then `SAMPLES` timed batches; the median batch
 //! is reported (min and max too). ns/decision is per thread (what a request waits), the
-//! aggregate rate is all threads together. Target: under 200 ns per decision.
+//! aggregate rate is all threads together. "on CPU" is the share of the measured time the
+//! threads actually ran (from /proc/thread-self/stat): on a shared machine other processes take
+//! turns on the cores, and the wall-clock ns grow by about 1 / that share.
+//! Target: under 200 ns per decision.
 //!
 //! Environment: `DECISION_BENCH_MS` (time per sample, default 60), `DECISION_BENCH_JSON` (also
 //! write the results there as JSON, for bench/report.py).
@@ -67,16 +70,32 @@ struct Row {
     ns: [f64; 3],
     /// All threads together, decisions per second (from the median sample).
     rate: f64,
+    /// The share of the measured wall time the threads were on a CPU (the lowest of the
+    /// threads), from /proc/thread-self/stat; below 1 when other processes took the core.
+    cpu_share: Option<f64>,
 }
 
+/// User + system CPU time of the calling thread, in clock ticks (Linux; `None` elsewhere).
+fn thread_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // After the ")" that ends the command name: state is field 0, utime 11, stime 12.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
 /// Runs `op(thread, i)` for `threads` threads; each sample runs `batch` iterations per thread.
-/// Returns per-thread ns/op for each sample (the slowest thread of that sample).
-fn measure<F>(threads: usize, batch: u64, op: F) -> Vec<f64>
+/// Returns per-thread ns/op for each sample (the slowest thread of that sample), and the
+/// lowest share of its measured time any thread spent on a CPU.
+fn measure<F>(threads: usize, batch: u64, op: F) -> (Vec<f64>, Option<f64>)
 where
     F: Fn(usize, u64) + Sync,
 {
     let barrier = Barrier::new(threads);
     let mut samples = Vec::with_capacity(SAMPLES);
+    let mut share = None;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -89,26 +108,38 @@ where
                         op(t, i);
                     }
                     let mut base = batch;
+                    let mut cpu = 0u64;
                     for _ in 0..SAMPLES {
                         barrier.wait();
+                        let ticks = thread_cpu_ticks();
                         let start = Instant::now();
                         for i in base..base + batch {
                             op(t, i);
                         }
                         mine.push(start.elapsed());
+                        cpu += thread_cpu_ticks().zip(ticks).map_or(0, |(b, a)| b.saturating_sub(a));
                         base += batch;
                     }
-                    mine
+                    let wall: Duration = mine.iter().sum();
+                    let share =
+                        thread_cpu_ticks().map(|_| (cpu as f64 / TICKS_PER_S / wall.as_secs_f64()).min(1.0));
+                    (mine, share)
                 })
             })
             .collect();
-        let per_thread: Vec<Vec<Duration>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let per_thread: Vec<(Vec<Duration>, Option<f64>)> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
         for i in 0..SAMPLES {
-            let slowest = per_thread.iter().map(|v| v[i]).max().unwrap();
+            let slowest = per_thread.iter().map(|(v, _)| v[i]).max().unwrap();
             samples.push(slowest.as_nanos() as f64 / batch as f64);
         }
+        share = per_thread
+            .iter()
+            .map(|(_, s)| *s)
+            .collect::<Option<Vec<f64>>>()
+            .map(|v| v.into_iter().fold(f64::INFINITY, f64::min));
     });
-    samples
+    (samples, share)
 }
 
 /// How many iterations fill about `ms` milliseconds, from a short trial.
@@ -122,7 +153,12 @@ fn calibrate(ms: u64, op: &dyn Fn(u64)) -> u64 {
     ((ms as f64 * 1e6 / ns) as u64).max(10_000)
 }
 
-fn row(name: &str, algorithm: &'static str, threads: usize, mut samples: Vec<f64>) -> Row {
+fn row(
+    name: &str,
+    algorithm: &'static str,
+    threads: usize,
+    (mut samples, cpu_share): (Vec<f64>, Option<f64>),
+) -> Row {
     samples.sort_by(f64::total_cmp);
     let median = samples[samples.len() / 2];
     Row {
@@ -131,6 +167,7 @@ fn row(name: &str, algorithm: &'static str, threads: usize, mut samples: Vec<f64
         threads,
         ns: [median, samples[0], samples[samples.len() - 1]],
         rate: threads as f64 * 1e9 / median,
+        cpu_share,
     }
 }
 
@@ -146,8 +183,7 @@ fn bench_decide(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
         black_box(store.decide(black_box(k), black_box(&params), black_box(now)));
     };
     let batch = calibrate(ms, &|i| op(0, i));
-    let samples = measure(threads, batch, op);
-    row("LocalStore::decide", algo_name(algorithm), threads, samples)
+    row("LocalStore::decide", algo_name(algorithm), threads, measure(threads, batch, op))
 }
 
 fn config(algorithm: Algorithm) -> RateLimitConfig {
@@ -186,8 +222,7 @@ fn bench_check(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
         black_box(applied.ok());
     };
     let batch = calibrate(ms, &|i| op(0, i));
-    let samples = measure(threads, batch, op);
-    row("RouteLimiter::check", algo_name(algorithm), threads, samples)
+    row("RouteLimiter::check", algo_name(algorithm), threads, measure(threads, batch, op))
 }
 
 /// For scale: the two clock reads `check` makes per request (`now_ns` and the epoch for
@@ -223,12 +258,12 @@ fn main() {
          {SAMPLES} samples of ~{ms} ms each, {cpus} CPUs; ns/decision per thread (median [min..max])"
     );
     println!(
-        "{:<22} {:<14} {:>7} {:>28} {:>16}",
-        "path", "algorithm", "threads", "ns/decision", "decisions/s"
+        "{:<22} {:<14} {:>7} {:>28} {:>16} {:>7}",
+        "path", "algorithm", "threads", "ns/decision", "decisions/s", "on CPU"
     );
     for r in &rows {
         println!(
-            "{:<22} {:<14} {:>7} {:>10.1} [{:>6.1}..{:>6.1}] {:>16.0}{}",
+            "{:<22} {:<14} {:>7} {:>10.1} [{:>6.1}..{:>6.1}] {:>16.0} {:>7}{}",
             r.name,
             r.algorithm,
             r.threads,
@@ -236,6 +271,7 @@ fn main() {
             r.ns[1],
             r.ns[2],
             r.rate,
+            r.cpu_share.map_or("?".to_owned(), |s| format!("{:.0}%", s * 100.0)),
             if r.ns[0] < TARGET_NS || r.algorithm == "-" { "" } else { "  (over the 200 ns target)" }
         );
     }
@@ -256,6 +292,7 @@ fn main() {
                 "ns_min": r.ns[1],
                 "ns_max": r.ns[2],
                 "decisions_per_s": r.rate,
+                "cpu_share": r.cpu_share,
             })).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap() + "\n")
