@@ -20,13 +20,16 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# --- tier 4a: the chart renders (helm lint and template); the Rust tests then parse every
+# rendered manifest into its k8s-openapi type --------------------------------------------
+scripts/chart-checks.sh
+
 # --- tiers 1-3 (and 5, which skips without a cluster): unit, system, operator tests ----
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
-# --- tier 4: the chart, and the dashboards and alerts against a live Prometheus ----------
-scripts/chart-checks.sh
+# --- tier 4b: the dashboards and alerts against a live Prometheus ------------------------
 # The debug build the tests just made is enough to feed Prometheus; no release build needed.
 APIPOLICY_SIDECAR_BIN=target/debug/apipolicy-sidecar scripts/observability-checks.sh
 

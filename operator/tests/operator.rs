@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -934,4 +935,87 @@ mod e2e {
         })
         .await;
     }
+}
+
+/// Every manifest the chart renders (scripts/chart-checks.sh leaves them in
+/// target/chart-checks/) parses into its k8s-openapi type and serializes back to the same
+/// document, so no field is misspelt or misplaced (serde would drop it). Kinds from other
+/// projects' CRDs (cert-manager, prometheus-operator) have no k8s-openapi type; the chart
+/// checks look at those.
+#[test]
+fn rendered_chart_parses_into_kubernetes_types() {
+    use k8s_openapi::{
+        api::{
+            admissionregistration::v1::MutatingWebhookConfiguration,
+            apps::v1::Deployment,
+            core::v1::{ConfigMap, Service, ServiceAccount},
+            policy::v1::PodDisruptionBudget,
+            rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+        },
+        apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    };
+    fn same<T: serde::de::DeserializeOwned + serde::Serialize>(
+        doc: &serde_json::Value,
+    ) -> Result<(), String> {
+        let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+        let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+        if strip(doc.clone()) == strip(back.clone()) {
+            Ok(())
+        } else {
+            Err(format!("round trip differs:\n{doc}\n{back}"))
+        }
+    }
+    fn strip(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip(v))).collect(),
+            ),
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(strip).collect()),
+            serde_json::Value::Number(n) => serde_json::json!(n.as_f64()),
+            other => other,
+        }
+    }
+    let dir = std::path::Path::new(ROOT).join("target/chart-checks");
+    let files: Vec<_> = ["default.yaml", "all-on.yaml", "custom-ports.yaml", "oldest-kube.yaml"]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    if files.is_empty() {
+        assert!(std::env::var_os("CI").is_none(), "scripts/chart-checks.sh must run before the tests in CI");
+        eprintln!("SKIPPED: no rendered chart; run scripts/chart-checks.sh first");
+        return;
+    }
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let yaml = serde_yaml::Value::deserialize(doc).unwrap();
+            if yaml.is_null() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::to_value(yaml).unwrap();
+            let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+            let result = match kind.as_str() {
+                "Deployment" => same::<Deployment>(&v),
+                "Service" => same::<Service>(&v),
+                "ServiceAccount" => same::<ServiceAccount>(&v),
+                "ConfigMap" => same::<ConfigMap>(&v),
+                "PodDisruptionBudget" => same::<PodDisruptionBudget>(&v),
+                "ClusterRole" => same::<ClusterRole>(&v),
+                "ClusterRoleBinding" => same::<ClusterRoleBinding>(&v),
+                "Role" => same::<Role>(&v),
+                "RoleBinding" => same::<RoleBinding>(&v),
+                "MutatingWebhookConfiguration" => same::<MutatingWebhookConfiguration>(&v),
+                "CustomResourceDefinition" => same::<CustomResourceDefinition>(&v),
+                "Certificate" | "Issuer" | "PodMonitor" | "ServiceMonitor" | "PrometheusRule" => continue,
+                other => Err(format!("unexpected kind {other}")),
+            };
+            if let Err(e) = result {
+                panic!("{}: {kind} {}: {e}", file.display(), v["metadata"]["name"]);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} manifests checked");
 }
