@@ -153,10 +153,17 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(writer)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One thread: a current_thread runtime does the same work without the work-stealing
+    // machinery, and runs woken tasks in FIFO order, so writes to the upstream are batched.
+    let mut runtime = match cli.threads {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(n) = cli.threads {
-        runtime.worker_threads(n.max(1));
+    if let Some(n) = cli.threads
+        && n > 1
+    {
+        runtime.worker_threads(n);
     }
     let runtime = runtime.build()?;
     runtime.block_on(async move {

@@ -18,3 +18,4 @@ pub mod server;
 pub mod signal;
 pub mod slo;
 pub mod state;
+pub mod upstream;

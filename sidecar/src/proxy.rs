@@ -5,7 +5,9 @@
 //! body ends.
 
 use std::{
-    net::SocketAddr,
+    cell::RefCell,
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -14,6 +16,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
     request::Parts, uri::PathAndQuery,
@@ -27,6 +30,7 @@ use crate::{
     compress,
     error::ProxyError,
     state::{Active, RouteRuntime},
+    upstream::SendError,
 };
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -53,10 +57,12 @@ impl Proxy {
         let id = self.ids.for_request(req.headers());
         let index = active.router.route(req.method(), req.uri().path(), req.headers());
         active.in_flight.inc();
+        // The path and id are kept for the access log only.
+        let log = active.access_log;
         let mut finish = Finish {
             method: req.method().clone(),
-            path: req.uri().path_and_query().cloned(),
-            request_id: id.clone(),
+            path: if log { req.uri().path_and_query().cloned() } else { None },
+            request_id: if log { Some(id.clone()) } else { None },
             route: index,
             status: 0,
             start,
@@ -173,7 +179,7 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    prepare(active, &mut parts, peer, id, upgrade)?;
+    prepare(&mut parts, peer, id, upgrade)?;
     let body = match route.max_body {
         Some(limit) => {
             UpstreamBody::Limited { body: Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)) }
@@ -198,10 +204,10 @@ async fn forward(
     Ok(resp.map(ProxyBody::upstream))
 }
 
-/// Turns a client's request head into the upstream's: the upstream's address, HTTP/1.1, a
-/// Host header, no hop-by-hop headers, `X-Forwarded-*` and the request id.
+/// Turns a client's request head into the upstream's: origin form (every pooled connection
+/// goes to the upstream), HTTP/1.1, a Host header, no hop-by-hop headers, `X-Forwarded-*` and
+/// the request id.
 pub(crate) fn prepare(
-    active: &Active,
     parts: &mut Parts,
     peer: SocketAddr,
     id: &HeaderValue,
@@ -219,8 +225,6 @@ pub(crate) fn prepare(
     }
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(active.upstream.scheme.clone());
-    uri.authority = Some(active.upstream.authority.clone());
     uri.path_and_query = Some(path);
     parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("the request target is invalid"))?;
     parts.version = Version::HTTP_11;
@@ -239,9 +243,10 @@ pub(crate) async fn send(
 ) -> Result<Response<Incoming>, ProxyError> {
     let sent_at = Instant::now();
     let timeout_ms = route.timeout.as_millis() as u64;
-    let mut resp = match tokio::time::timeout(route.timeout, active.client.request(req)).await {
+    let mut resp = match tokio::time::timeout(route.timeout, active.client.send(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
-        Ok(Err(e)) => return Err(classify(&e, route.max_body)),
+        Ok(Err(SendError::Connect(e))) => return Err(ProxyError::UpstreamUnavailable(e)),
+        Ok(Err(SendError::Http(e))) => return Err(classify(&e, route.max_body)),
         Ok(Ok(resp)) => resp,
     };
     let upstream = sent_at.elapsed();
@@ -253,10 +258,7 @@ pub(crate) async fn send(
     Ok(resp)
 }
 
-fn classify(e: &hyper_util::client::legacy::Error, limit: Option<u64>) -> ProxyError {
-    if e.is_connect() {
-        return ProxyError::UpstreamUnavailable(chain(e));
-    }
+fn classify(e: &hyper::Error, limit: Option<u64>) -> ProxyError {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.is::<LengthLimitError>() {
@@ -298,21 +300,74 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+const HOP_CONNECTION: u8 = 1;
+const HOP_UPGRADE: u8 = 2;
+const HOP_OTHER: u8 = 4;
+
+/// Which kind of hop-by-hop header `n` is, if any: an enum or length compare, no hashing.
+fn hop_bit(n: &HeaderName) -> u8 {
+    if n == header::CONNECTION {
+        HOP_CONNECTION
+    } else if n == header::UPGRADE {
+        HOP_UPGRADE
+    } else if n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+    {
+        HOP_OTHER
+    } else {
+        0
+    }
+}
+
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, and those the Connection header names.
 /// An upgrade keeps `Connection: upgrade` and `Upgrade`, which are meant for the next hop.
+/// One pass over the names first: a message without hop-by-hop headers (most requests) costs
+/// no hash lookup, and only the names present are removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.get_all(header::CONNECTION).iter().any(|v| !is_plain_connection_token(v)) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-            .collect();
-        for name in named {
+    let found = headers.keys().fold(0u8, |acc, n| acc | hop_bit(n));
+    if found == 0 && !keep_upgrade {
+        return;
+    }
+    if found & HOP_CONNECTION != 0
+        && headers.get_all(header::CONNECTION).iter().any(|v| !is_plain_connection_token(v))
+    {
+        strip_named_and_hop_by_hop(headers, keep_upgrade);
+        return;
+    }
+    if found & HOP_OTHER != 0 {
+        for name in
+            [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING]
+        {
             headers.remove(name);
         }
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        if found & HOP_CONNECTION != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if found & HOP_UPGRADE != 0 {
+            headers.remove(header::UPGRADE);
+        }
+    }
+}
+
+/// The general case: the Connection header names further headers to drop.
+fn strip_named_and_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
         headers.remove(name);
@@ -333,13 +388,46 @@ fn is_plain_connection_token(v: &HeaderValue) -> bool {
         || b.eq_ignore_ascii_case(b"upgrade")
 }
 
-fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_canonical().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+/// The address as text into `buf`: IPv4 (the usual case) without `core::fmt`, and no heap.
+fn ip_text(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    let n = match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if o >= 100 {
+                    buf[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    buf[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + o % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(v6) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cur, "{v6}");
+            cur.position() as usize
+        }
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    &buf[..n]
+}
+
+fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+    let mut buf = [0u8; 48];
+    let ip = ip_text(peer.ip(), &mut buf);
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::from_bytes(&[prior.as_bytes(), b", ", ip].concat()),
+        None => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -370,8 +458,21 @@ impl RequestIds {
         let mut buf = [0u8; 32];
         hex16(self.prefix, &mut buf[..16]);
         hex16(n, &mut buf[16..]);
-        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+        // Cut from a per-thread block: one allocation per 128 ids, and clones are a refcount
+        // (a copied HeaderValue costs two: the copy, then its promotion on the first clone).
+        ID_BLOCK.with_borrow_mut(|block| {
+            if block.capacity() < buf.len() {
+                *block = BytesMut::with_capacity(buf.len() * 128);
+            }
+            block.extend_from_slice(&buf);
+            HeaderValue::from_maybe_shared(block.split().freeze())
+                .expect("hex digits are a valid header value")
+        })
     }
+}
+
+thread_local! {
+    static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 fn hex16(n: u64, out: &mut [u8]) {
@@ -384,8 +485,9 @@ fn hex16(n: u64, out: &mut [u8]) {
 /// What is recorded when a response ends: metrics and the access log line.
 pub struct Finish {
     pub(crate) method: Method,
+    /// Only with the access log on.
     path: Option<PathAndQuery>,
-    request_id: HeaderValue,
+    request_id: Option<HeaderValue>,
     route: usize,
     status: u16,
     start: Instant,
@@ -409,7 +511,7 @@ impl Finish {
         Self {
             method: Method::GET,
             path: None,
-            request_id: HeaderValue::from_static("background"),
+            request_id: Some(HeaderValue::from_static("background")),
             route,
             status: 0,
             start: Instant::now(),
@@ -442,7 +544,7 @@ impl Finish {
         if self.active.access_log {
             tracing::info!(
                 target: "access",
-                request_id = self.request_id.to_str().unwrap_or_default(),
+                request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
                 route = route.metrics.name.as_str(),
                 method = self.method.as_str(),
                 path = self.path.as_ref().map_or("/", |p| p.as_str()),

@@ -259,6 +259,7 @@ async fn sweep_limiters(sidecar: Arc<Sidecar>) {
         for limiter in active.routes.iter().filter_map(|r| r.limiter.as_ref()) {
             limiter.sweep();
         }
+        active.client.sweep();
     }
 }
 

@@ -11,14 +11,9 @@ use std::{
 
 use apipolicy_api::{CacheConfig, CompressionConfig, SidecarConfig};
 use http::uri::{Authority, Scheme};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::{
-    body::UpstreamBody,
     cache::{Store, shared::Shared},
     clientip::TrustedProxies,
     error::ProxyError,
@@ -27,16 +22,15 @@ use crate::{
     ratelimit::{RouteLimiter, redis::RedisStore},
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
+    upstream::UpstreamPool,
 };
-
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 pub struct Active {
     pub config: SidecarConfig,
     pub router: Router,
     pub routes: Vec<RouteRuntime>,
     pub upstream: Upstream,
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamPool>,
     pub in_flight: IntGauge,
     pub access_log: bool,
     pub trusted: TrustedProxies,
@@ -256,11 +250,16 @@ impl Active {
         let client = match previous {
             Some(p)
                 if p.config.spec.upstream.connect_timeout_ms == config.spec.upstream.connect_timeout_ms
-                    && p.config.spec.upstream.idle_timeout_ms == config.spec.upstream.idle_timeout_ms =>
+                    && p.config.spec.upstream.idle_timeout_ms == config.spec.upstream.idle_timeout_ms
+                    && p.upstream == upstream =>
             {
                 p.client.clone()
             }
-            _ => client(&config),
+            _ => UpstreamPool::new(
+                upstream.address(),
+                Duration::from_millis(config.spec.upstream.connect_timeout_ms),
+                Duration::from_millis(config.spec.upstream.idle_timeout_ms),
+            ),
         };
         let config_trusted = config.spec.trusted_proxies.clone();
         let health = match previous {
@@ -310,20 +309,4 @@ impl Active {
             route_slos,
         })
     }
-}
-
-fn client(config: &SidecarConfig) -> UpstreamClient {
-    let up = &config.spec.upstream;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(up.connect_timeout_ms)));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_millis(up.idle_timeout_ms))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // The app is on loopback: keep enough idle connections for bursts of concurrency.
-        .pool_max_idle_per_host(1024)
-        .set_host(false)
-        .build(connector)
 }

@@ -269,7 +269,7 @@ async fn fetch(
         }
         asked
     });
-    prepare(active, &mut parts, peer, id, false)?;
+    prepare(&mut parts, peer, id, false)?;
     let resp = send(active, route, Request::from_parts(parts, UpstreamBody::Empty), finish).await?;
     Ok((resp, revalidating))
 }
