@@ -299,22 +299,10 @@ async fn fill(
         Err(e) => {
             tracing::debug!(error = %e, path = %key.path, "cache fill failed");
             return match stale.as_ref().filter(|s| serve_stale(s)) {
-                Some(s) => {
-                    route.cache_lookups.stale.inc();
-                    let over = s.staleness(now).as_secs();
-                    let r = respond(
-                        active,
-                        route,
-                        s,
-                        with_age(s, now),
-                        &format!("hit; ttl=-{over}; detail=stale-if-error"),
-                        client_headers,
-                        head,
-                        key,
-                    )
-                    .await;
-                    (Ok(r), Flight::Failed)
-                }
+                Some(s) => (
+                    Ok(stale_if_error(active, route, s, client_headers, head, key, now).await),
+                    Flight::Failed,
+                ),
                 None => (Err(e), Flight::Failed),
             };
         }
@@ -346,20 +334,7 @@ async fn fill(
     if status.is_server_error()
         && let Some(s) = stale.as_ref().filter(|s| serve_stale(s))
     {
-        route.cache_lookups.stale.inc();
-        let over = s.staleness(now).as_secs();
-        let r = respond(
-            active,
-            route,
-            s,
-            with_age(s, now),
-            &format!("hit; ttl=-{over}; detail=stale-if-error"),
-            client_headers,
-            head,
-            key,
-        )
-        .await;
-        return (Ok(r), Flight::Failed);
+        return (Ok(stale_if_error(active, route, s, client_headers, head, key, now).await), Flight::Failed);
     }
     route.cache_lookups.miss.inc();
     let (mut parts, body) = resp.into_parts();
@@ -396,6 +371,21 @@ async fn fill(
             (Ok(respond(active, route, &e, headers, &kind, client_headers, head, key).await), Flight::Stored)
         }
     }
+}
+
+/// The stale entry instead of the app's failure (stale-if-error).
+async fn stale_if_error(
+    active: &Active,
+    route: &RouteRuntime,
+    stale: &Arc<Entry>,
+    client_headers: &HeaderMap,
+    head: bool,
+    key: &CacheKey,
+    now: SystemTime,
+) -> Response<ProxyBody> {
+    route.cache_lookups.stale.inc();
+    let kind = format!("hit; ttl=-{}; detail=stale-if-error", stale.staleness(now).as_secs());
+    respond(active, route, stale, with_age(stale, now), &kind, client_headers, head, key).await
 }
 
 /// A response that is not stored, passed on with the cache's headers.
