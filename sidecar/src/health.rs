@@ -50,6 +50,13 @@ struct State {
     failures: u32,
 }
 
+impl State {
+    /// Before the first result.
+    fn pending() -> Self {
+        Self { status: Status::Pending, last_error: None, last_change: None, successes: 0, failures: 0 }
+    }
+}
+
 pub struct Check {
     config: CheckConfig,
     state: Mutex<State>,
@@ -138,18 +145,8 @@ impl Health {
         let mut spawn = |c: &CheckConfig| {
             let (up, duration) = metrics.health_check(&c.name);
             up.set(0);
-            let check = Arc::new(Check {
-                config: c.clone(),
-                state: Mutex::new(State {
-                    status: Status::Pending,
-                    last_error: None,
-                    last_change: None,
-                    successes: 0,
-                    failures: 0,
-                }),
-                up,
-                duration,
-            });
+            let check =
+                Arc::new(Check { config: c.clone(), state: Mutex::new(State::pending()), up, duration });
             tasks.push(tokio::spawn(run(check.clone(), client.clone(), upstream.clone())));
             check
         };
@@ -261,13 +258,7 @@ mod tests {
                 unhealthy_threshold: unhealthy,
                 healthy_threshold: healthy,
             },
-            state: Mutex::new(State {
-                status: Status::Pending,
-                last_error: None,
-                last_change: None,
-                successes: 0,
-                failures: 0,
-            }),
+            state: Mutex::new(State::pending()),
             up: IntGauge::new("t", "t").unwrap(),
             duration: Histogram::with_opts(prometheus::HistogramOpts::new("d", "d")).unwrap(),
         }
