@@ -29,7 +29,7 @@ use crate::{
 
 /// Request headers a client could use to change what the app answers without the cache
 /// key changing (cache poisoning); on cached routes they never reach the app.
-static UNKEYED: [HeaderName; 7] = [
+pub(super) static UNKEYED: [HeaderName; 7] = [
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-server"),
     HeaderName::from_static("x-host"),
@@ -50,15 +50,14 @@ static CONDITIONAL: [HeaderName; 5] = [
 
 /// The URL a request names, for invalidation.
 pub fn target<B>(req: &Request<B>) -> CacheKey {
-    CacheKey::new(&host(req.headers(), req.uri()), req.uri().path(), req.uri().query())
+    CacheKey::new(host(req.headers(), req.uri()), req.uri().path(), req.uri().query())
 }
 
-fn host(headers: &HeaderMap, uri: &http::Uri) -> String {
+fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
     headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default()
 }
 
@@ -81,7 +80,31 @@ fn cache_status(kind: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("ApiPolicy; {kind}")).unwrap_or(HeaderValue::from_static("ApiPolicy"))
 }
 
+/// Answers a cacheable request. The hit path comes first: a plain request for a fresh entry
+/// is answered from the URL's hash and the entry's ready head, before anything is copied.
+/// Everything else (misses, revalidation, the shared tier) takes the full path, boxed: its
+/// future is several KiB, and a hit should not carry it, nor move it around.
 pub async fn serve(
+    active: &Arc<Active>,
+    route: &RouteRuntime,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    id: &HeaderValue,
+    finish: &mut Finish,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let head = req.method() == Method::HEAD;
+    let now = SystemTime::now();
+    let (headers, uri) = (req.headers(), req.uri());
+    if let Some(e) =
+        active.store.fresh(super::url_hash(host(headers, uri), uri.path(), uri.query()), headers, now)
+    {
+        route.cache_lookups.hit.inc();
+        return Ok(respond(active, route, &e, now, None, headers, head).await);
+    }
+    Box::pin(serve_full(active, route, req, peer, id, finish)).await
+}
+
+async fn serve_full(
     active: &Arc<Active>,
     route: &RouteRuntime,
     req: Request<Incoming>,
@@ -104,23 +127,9 @@ pub async fn serve(
     for _ in 0..3 {
         let now = SystemTime::now();
         match store.lookup(&key, &client_headers, now) {
-            Lookup::Fresh(e, _) => {
-                // The stored headers with a current Age (the policy's own copy rewrites Date
-                // in RFC 2822 form, which is not an HTTP date).
-                let headers = with_age(&e, now);
+            Lookup::Fresh(e) => {
                 route.cache_lookups.hit.inc();
-                let ttl = e.policy.time_to_live(now).as_secs();
-                return Ok(respond(
-                    active,
-                    route,
-                    &e,
-                    headers,
-                    &format!("hit; ttl={ttl}"),
-                    &client_headers,
-                    head,
-                    &key,
-                )
-                .await);
+                return Ok(respond(active, route, &e, now, None, &client_headers, head).await);
             }
             Lookup::StaleWhileRevalidate(e) => {
                 route.cache_lookups.stale.inc();
@@ -135,19 +144,8 @@ pub async fn serve(
                         id.clone(),
                     );
                 }
-                let over = e.staleness(now).as_secs();
-                let headers = with_age(&e, now);
-                return Ok(respond(
-                    active,
-                    route,
-                    &e,
-                    headers,
-                    &format!("hit; ttl=-{over}"),
-                    &client_headers,
-                    head,
-                    &key,
-                )
-                .await);
+                let kind = format!("hit; ttl=-{}", e.staleness(now).as_secs());
+                return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
             }
             Lookup::Stale(e) => {
                 stale = Some(e);
@@ -188,18 +186,8 @@ pub async fn serve(
                         store.insert(&key, e.clone(), &client_headers, now);
                         guard.finish(Flight::Stored);
                         route.cache_lookups.hit.inc();
-                        let kind = format!("hit; ttl={}; {detail}", e.policy.time_to_live(now).as_secs());
-                        return Ok(respond(
-                            active,
-                            route,
-                            &e,
-                            with_age(&e, now),
-                            &kind,
-                            &client_headers,
-                            head,
-                            &key,
-                        )
-                        .await);
+                        let kind = format!("hit; ttl={}; {detail}", e.ttl(now).as_secs());
+                        return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
                     }
                 }
                 let (resp, outcome) = fill(
@@ -229,12 +217,6 @@ pub async fn serve(
     route.cache_lookups.bypass.inc();
     let (resp, _) = fetch(active, route, parts, None, peer, id, finish).await?;
     Ok(pass_through(config, resp, "fwd=bypass"))
-}
-
-fn with_age(e: &Entry, now: SystemTime) -> HeaderMap {
-    let mut h = e.headers.clone();
-    h.insert(header::AGE, HeaderValue::from(e.policy.age(now).as_secs()));
-    h
 }
 
 /// Asks the app (conditionally when a stale entry can be revalidated).
@@ -299,10 +281,9 @@ async fn fill(
         Err(e) => {
             tracing::debug!(error = %e, path = %key.path, "cache fill failed");
             return match stale.as_ref().filter(|s| serve_stale(s)) {
-                Some(s) => (
-                    Ok(stale_if_error(active, route, s, client_headers, head, key, now).await),
-                    Flight::Failed,
-                ),
+                Some(s) => {
+                    (Ok(stale_if_error(active, route, s, client_headers, head, now).await), Flight::Failed)
+                }
                 None => (Err(e), Flight::Failed),
             };
         }
@@ -318,23 +299,14 @@ async fn fill(
         if let Some(shared) = &active.shared_cache {
             shared.put(key, &fresh, client_headers, now).await;
         }
-        let r = respond(
-            active,
-            route,
-            &fresh,
-            with_age(&fresh, now),
-            "fwd=stale; fwd-status=304; stored",
-            client_headers,
-            head,
-            key,
-        )
-        .await;
+        let kind = "fwd=stale; fwd-status=304; stored";
+        let r = respond(active, route, &fresh, now, Some(kind), client_headers, head).await;
         return (Ok(r), Flight::Stored);
     }
     if status.is_server_error()
         && let Some(s) = stale.as_ref().filter(|s| serve_stale(s))
     {
-        return (Ok(stale_if_error(active, route, s, client_headers, head, key, now).await), Flight::Failed);
+        return (Ok(stale_if_error(active, route, s, client_headers, head, now).await), Flight::Failed);
     }
     route.cache_lookups.miss.inc();
     let (mut parts, body) = resp.into_parts();
@@ -365,10 +337,8 @@ async fn fill(
             if let Some(shared) = &active.shared_cache {
                 shared.put(key, &e, client_headers, now).await;
             }
-            let ttl = e.policy.time_to_live(now).as_secs();
-            let kind = format!("{miss_kind}; stored; ttl={ttl}");
-            let headers = with_age(&e, now);
-            (Ok(respond(active, route, &e, headers, &kind, client_headers, head, key).await), Flight::Stored)
+            let kind = format!("{miss_kind}; stored; ttl={}", e.ttl(now).as_secs());
+            (Ok(respond(active, route, &e, now, Some(&kind), client_headers, head).await), Flight::Stored)
         }
     }
 }
@@ -380,12 +350,11 @@ async fn stale_if_error(
     stale: &Arc<Entry>,
     client_headers: &HeaderMap,
     head: bool,
-    key: &CacheKey,
     now: SystemTime,
 ) -> Response<ProxyBody> {
     route.cache_lookups.stale.inc();
     let kind = format!("hit; ttl=-{}; detail=stale-if-error", stale.staleness(now).as_secs());
-    respond(active, route, stale, with_age(stale, now), &kind, client_headers, head, key).await
+    respond(active, route, stale, now, Some(&kind), client_headers, head).await
 }
 
 /// A response that is not stored, passed on with the cache's headers.
@@ -399,56 +368,77 @@ fn pass_through(config: &CacheConfig, resp: Response<Incoming>, kind: &str) -> R
 }
 
 /// Answers from an entry: a 304 when the client's copy is current, else the body in the
-/// best encoding the client accepts (compressed once per entry and kept).
-#[allow(clippy::too_many_arguments)]
+/// best encoding the client accepts (compressed once per entry and kept). The head comes from
+/// the entry's ready one for this Age and TTL; `kind` replaces its `Cache-Status` (a plain
+/// fresh hit has `None`).
 async fn respond(
     active: &Active,
     route: &RouteRuntime,
     e: &Arc<Entry>,
-    mut headers: HeaderMap,
-    kind: &str,
+    now: SystemTime,
+    kind: Option<&str>,
     request: &HeaderMap,
     head: bool,
-    key: &CacheKey,
 ) -> Response<ProxyBody> {
     let mut body = e.body.clone();
-    if let Some(config) = &route.compression
-        && compress::compressible(e.status, &headers, config)
+    let mut encoding = None;
+    let compressible =
+        route.compression.as_ref().filter(|config| compress::compressible(e.status, &e.headers, config));
+    if let Some(config) = compressible
+        && body.len() as u64 >= config.min_size
+        && let Some(enc) = compress::negotiate(request.get(header::ACCEPT_ENCODING), &config.algorithms)
     {
-        compress::add_vary(&mut headers, "accept-encoding");
-        if body.len() as u64 >= config.min_size
-            && let Some(enc) = compress::negotiate(request.get(header::ACCEPT_ENCODING), &config.algorithms)
-        {
-            let packed = match e.encoded(enc) {
-                Some(b) => Some(b),
-                None => encode(enc, &e.body).await.inspect(|b| {
-                    e.keep_encoded(enc, b.clone());
-                    route.compression_bytes.0.inc_by(e.body.len() as u64);
-                    route.compression_bytes.1.inc_by(b.len() as u64);
-                    active.store.reweigh(key);
-                }),
-            };
-            if let Some(packed) = packed {
-                body = packed;
-                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
-                if let Some(tag) =
-                    headers.get(header::ETAG).and_then(|t| conditional::encoded_etag(t, enc.as_str()))
-                {
-                    headers.insert(header::ETAG, tag);
-                }
-            }
+        let packed = match e.encoded(enc) {
+            Some(b) => Some(b),
+            // Once per entry and encoding; boxed, so that the hit path's future stays small.
+            None => Box::pin(encode(enc, &e.body)).await.inspect(|b| {
+                e.keep_encoded(enc, b.clone());
+                route.compression_bytes.0.inc_by(e.body.len() as u64);
+                route.compression_bytes.1.inc_by(b.len() as u64);
+                active.store.reweigh(e.hash);
+            }),
+        };
+        if let Some(packed) = packed {
+            body = packed;
+            encoding = Some(enc);
         }
     }
-    headers.insert(CACHE_STATUS.clone(), cache_status(kind));
-    if conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED)) {
+    let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
+    let mut headers = e.head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
+        let mut h = e.headers.clone();
+        if compressible.is_some() {
+            compress::add_vary(&mut h, "accept-encoding");
+        }
+        if let Some(enc) = encoding {
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
+            h.remove(header::ACCEPT_RANGES);
+            if let Some(tag) = h.get(header::ETAG).and_then(|t| conditional::encoded_etag(t, enc.as_str())) {
+                h.insert(header::ETAG, tag);
+            }
+        }
+        h.remove(header::TRANSFER_ENCODING);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(header::AGE, HeaderValue::from(age));
+        h.insert(CACHE_STATUS.clone(), cache_status(&format!("hit; ttl={ttl}")));
+        // The proxy sets the request id on every response: a slot for it now means that
+        // insert replaces a value instead of growing a copy of this map on every hit.
+        h.insert(crate::proxy::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
+        h
+    });
+    if let Some(kind) = kind {
+        headers.insert(CACHE_STATUS.clone(), cache_status(kind));
+    }
+    if (request.contains_key(header::IF_NONE_MATCH) || request.contains_key(header::IF_MODIFIED_SINCE))
+        && conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED))
+    {
         let mut resp = Response::new(ProxyBody::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = conditional::not_modified_headers(&headers);
-        resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status(kind));
+        if let Some(status) = headers.get(&CACHE_STATUS) {
+            resp.headers_mut().insert(CACHE_STATUS.clone(), status.clone());
+        }
         return resp;
     }
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(body) });
     *resp.status_mut() = e.status;
     *resp.headers_mut() = headers;

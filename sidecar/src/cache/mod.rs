@@ -21,6 +21,7 @@ use std::{
 };
 
 use apipolicy_api::{CacheConfig, CacheMode, Encoding};
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike, ResponseLike};
@@ -39,6 +40,7 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(host: &str, path: &str, query: Option<&str>) -> Self {
+        let hash = url_hash(host, path, query);
         let host = host.to_ascii_lowercase();
         let query = query.filter(|q| !q.is_empty()).map(|q| {
             let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
@@ -49,10 +51,54 @@ impl CacheKey {
             Some(q) => format!("{path}?{q}"),
             None => path.to_owned(),
         };
-        let hash = xxhash_rust::xxh3::xxh3_64(format!("{host}\n{target}").as_bytes());
         let uri = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
         Self { hash, host, path: path.to_owned(), uri }
     }
+}
+
+/// The hash of a URL for the cache, [`CacheKey::hash`]: the host lower-cased, the path, and
+/// the query's non-empty parameters sorted, hashed as they go, with no allocation for up to
+/// 16 parameters (the hit path computes it on every request).
+pub fn url_hash(host: &str, path: &str, query: Option<&str>) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut lower = [0u8; 64];
+    for chunk in host.as_bytes().chunks(lower.len()) {
+        let b = &mut lower[..chunk.len()];
+        b.copy_from_slice(chunk);
+        b.make_ascii_lowercase();
+        h.update(b);
+    }
+    h.update(b"\n");
+    h.update(path.as_bytes());
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        h.update(b"?");
+        let feed = |h: &mut xxhash_rust::xxh3::Xxh3, params: &mut [&str]| {
+            params.sort_unstable();
+            for (i, p) in params.iter().enumerate() {
+                if i > 0 {
+                    h.update(b"&");
+                }
+                h.update(p.as_bytes());
+            }
+        };
+        let mut few = [""; 16];
+        let mut n = 0;
+        for p in q.split('&').filter(|p| !p.is_empty()) {
+            if n == few.len() {
+                n = usize::MAX;
+                break;
+            }
+            few[n] = p;
+            n += 1;
+        }
+        if n == usize::MAX {
+            let mut many: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+            feed(&mut h, &mut many);
+        } else {
+            feed(&mut h, &mut few[..n]);
+        }
+    }
+    h.digest()
 }
 
 /// A request as the cache policy sees it: GET for HEAD (HEAD is served from GET entries), and
@@ -103,12 +149,42 @@ pub struct Entry {
     pub stale_if_error: Duration,
     pub surrogate_keys: Vec<String>,
     pub path: String,
+    /// The URL's [`CacheKey::hash`].
+    pub hash: u64,
     /// When the entry stops being fresh.
     pub fresh_until: SystemTime,
     /// Compressed forms, made on first use.
     encoded: Mutex<Vec<(Encoding, Bytes)>>,
     /// A background revalidation is running.
     pub revalidating: AtomicBool,
+    /// The request's values of the headers `Vary` names (Accept-Encoding aside), for hits
+    /// judged without `http-cache-semantics`; `None` when such a judgement is not possible.
+    vary: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
+    /// The entry's age when stored (RFC 9111 §4.2.3), and when that was.
+    initial_age: Duration,
+    stored_at: SystemTime,
+    /// The response head of a hit, per encoding (identity, br, zstd, gzip), made again only
+    /// when its Age or TTL second changes: a hit clones it and allocates nothing else.
+    heads: [ArcSwapOption<HitHead>; 4],
+}
+
+/// A ready response head for hits on one entry in one encoding.
+pub struct HitHead {
+    pub age: u64,
+    pub ttl: u64,
+    /// Whether the route compresses this entry's type (it adds `Vary: Accept-Encoding`).
+    pub compressible: bool,
+    pub headers: HeaderMap,
+}
+
+/// The slot of an encoding in [`Entry::heads`].
+pub fn encoding_slot(encoding: Option<Encoding>) -> usize {
+    match encoding {
+        None => 0,
+        Some(Encoding::Br) => 1,
+        Some(Encoding::Zstd) => 2,
+        Some(Encoding::Gzip) => 3,
+    }
 }
 
 impl Entry {
@@ -140,6 +216,52 @@ impl Entry {
     pub fn expired(&self, now: SystemTime) -> bool {
         self.staleness(now) > self.stale_while_revalidate.max(self.stale_if_error)
     }
+
+    /// The entry's current age: as stored, plus the time since (what `CachePolicy::age` says).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age + now.duration_since(self.stored_at).unwrap_or_default()
+    }
+
+    /// How long the entry stays fresh from `now` (zero when stale).
+    pub fn ttl(&self, now: SystemTime) -> Duration {
+        self.fresh_until.duration_since(now).unwrap_or_default()
+    }
+
+    /// Whether a request with these headers is one this entry's `Vary` matches (`false` when
+    /// the entry cannot tell without the full judgement).
+    fn varies_as(&self, request: &HeaderMap) -> bool {
+        self.vary.as_ref().is_some_and(|vary| vary.iter().all(|(n, v)| request.get(n) == v.as_ref()))
+    }
+
+    /// The hit head for `slot` at this Age and TTL, made by `make` when there is none yet.
+    pub fn head(
+        &self,
+        slot: usize,
+        age: u64,
+        ttl: u64,
+        compressible: bool,
+        make: impl FnOnce() -> HeaderMap,
+    ) -> HeaderMap {
+        let cell = &self.heads[slot];
+        if let Some(h) = &*cell.load()
+            && h.age == age
+            && h.ttl == ttl
+            && h.compressible == compressible
+        {
+            return h.headers.clone();
+        }
+        let headers = make();
+        cell.store(Some(Arc::new(HitHead { age, ttl, compressible, headers: headers.clone() })));
+        headers
+    }
+}
+
+/// A request the fast hit path may judge: no `Cache-Control` or `Pragma` of the client's
+/// (`max-age`, `no-cache`, `min-fresh` … need the full judgement) and no `Authorization`.
+fn plain(request: &HeaderMap) -> bool {
+    !(request.contains_key(header::CACHE_CONTROL)
+        || request.contains_key(header::PRAGMA)
+        || request.contains_key(header::AUTHORIZATION))
 }
 
 /// The result of a lookup.
@@ -148,7 +270,7 @@ pub enum Lookup {
     UriMiss,
     /// Entries for the URL, none for this request's `Vary` values.
     VaryMiss,
-    Fresh(Arc<Entry>, HeaderMap),
+    Fresh(Arc<Entry>),
     /// Stale, within stale-while-revalidate: serve it and revalidate in the background.
     StaleWhileRevalidate(Arc<Entry>),
     /// Stale: revalidate first (it may still serve if the app fails, within stale-if-error).
@@ -244,6 +366,18 @@ impl Store {
         Self { entries, index, flights: Mutex::new(HashMap::new()), metrics }
     }
 
+    /// The fresh entry for a plain request (see [`plain`]), judged by the entry's freshness
+    /// and `Vary` values alone: the hit path, with no header parsing and no allocation.
+    /// `None` sends the request the full way ([`Store::lookup`]), which judges every case;
+    /// for a plain request both agree, since freshness and `Vary` are all it checks then.
+    pub fn fresh(&self, hash: u64, headers: &HeaderMap, now: SystemTime) -> Option<Arc<Entry>> {
+        if !plain(headers) {
+            return None;
+        }
+        let variants = self.entries.get(&hash)?;
+        variants.iter().find(|e| now < e.fresh_until && e.varies_as(headers)).cloned()
+    }
+
     pub fn lookup(&self, key: &CacheKey, headers: &HeaderMap, now: SystemTime) -> Lookup {
         let Some(variants) = self.entries.get(&key.hash) else { return Lookup::UriMiss };
         let req = CacheRequest { uri: &key.uri, headers };
@@ -252,7 +386,7 @@ impl Store {
                 continue;
             }
             match entry.policy.before_request(&req, now) {
-                BeforeRequest::Fresh(parts) => return Lookup::Fresh(entry.clone(), parts.headers),
+                BeforeRequest::Fresh(_) => return Lookup::Fresh(entry.clone()),
                 BeforeRequest::Stale { matches: true, .. } => {
                     let client_wants_fresh = no_cache(headers);
                     return if !client_wants_fresh && entry.staleness(now) <= entry.stale_while_revalidate {
@@ -293,9 +427,9 @@ impl Store {
     }
 
     /// Re-weighs a key after a compressed form was added to one of its entries.
-    pub fn reweigh(&self, key: &CacheKey) {
-        if let Some(v) = self.entries.get(&key.hash) {
-            self.entries.insert(key.hash, v);
+    pub fn reweigh(&self, hash: u64) {
+        if let Some(v) = self.entries.get(&hash) {
+            self.entries.insert(hash, v);
         }
     }
 
@@ -508,24 +642,15 @@ pub fn entry(
     body: Bytes,
     now: SystemTime,
 ) -> Entry {
-    let policy = policy_for(key, request_headers, status, &headers, now);
     let mut surrogate_keys = config.surrogate_keys.clone();
     for v in headers.get_all(&SURROGATE_KEY).iter().filter_map(|v| v.to_str().ok()) {
         surrogate_keys.extend(v.split_whitespace().map(str::to_owned));
     }
-    Entry {
-        fresh_until: now + policy.time_to_live(now),
-        stale_while_revalidate: directive_secs(&headers, "stale-while-revalidate").unwrap_or_default(),
-        stale_if_error: directive_secs(&headers, "stale-if-error").unwrap_or_default(),
-        policy,
-        status,
-        headers,
-        body,
-        surrogate_keys,
-        path: key.path.clone(),
-        encoded: Mutex::new(Vec::new()),
-        revalidating: AtomicBool::new(false),
-    }
+    let windows = (
+        directive_secs(&headers, "stale-while-revalidate").unwrap_or_default(),
+        directive_secs(&headers, "stale-if-error").unwrap_or_default(),
+    );
+    assemble(key, request_headers, status, headers, body, surrogate_keys, windows, Vec::new(), now)
 }
 
 /// The same entry with the headers of a 304 revalidation merged in.
@@ -542,23 +667,187 @@ pub fn refreshed(
             headers.insert(name.clone(), value.clone());
         }
     }
-    let policy = policy_for(key, request_headers, old.status, &headers, now);
-    let fresh = Entry {
-        fresh_until: now + policy.time_to_live(now),
-        policy,
-        status: old.status,
+    let fresh = assemble(
+        key,
+        request_headers,
+        old.status,
         headers,
-        body: old.body.clone(),
-        stale_while_revalidate: old.stale_while_revalidate,
-        stale_if_error: old.stale_if_error,
-        surrogate_keys: old.surrogate_keys.clone(),
-        path: old.path.clone(),
-        encoded: Mutex::new(old.encoded.lock().unwrap_or_else(|p| p.into_inner()).clone()),
-        revalidating: AtomicBool::new(false),
-    };
+        old.body.clone(),
+        old.surrogate_keys.clone(),
+        (old.stale_while_revalidate, old.stale_if_error),
+        old.encoded.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        now,
+    );
     old.revalidating.store(false, Ordering::Release);
     fresh
 }
 
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    key: &CacheKey,
+    request_headers: &HeaderMap,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    surrogate_keys: Vec<String>,
+    (stale_while_revalidate, stale_if_error): (Duration, Duration),
+    encoded: Vec<(Encoding, Bytes)>,
+    now: SystemTime,
+) -> Entry {
+    let policy = policy_for(key, request_headers, status, &headers, now);
+    Entry {
+        fresh_until: now + policy.time_to_live(now),
+        initial_age: policy.age(now),
+        stored_at: now,
+        vary: vary_values(&headers, request_headers),
+        policy,
+        status,
+        headers,
+        body,
+        stale_while_revalidate,
+        stale_if_error,
+        surrogate_keys,
+        path: key.path.clone(),
+        hash: key.hash,
+        encoded: Mutex::new(encoded),
+        revalidating: AtomicBool::new(false),
+        heads: Default::default(),
+    }
+}
+
+/// The request's values of the headers the response's `Vary` names, Accept-Encoding aside;
+/// `None` for `Vary: *`, a name that is not a header name, or one the cache strips from
+/// requests (the full judgement sees those as absent).
+fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Option<Vec<(HeaderName, Option<HeaderValue>)>> {
+    let mut values = Vec::new();
+    for v in response.get_all(header::VARY) {
+        for name in v.to_str().ok()?.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name.eq_ignore_ascii_case("accept-encoding") {
+                continue;
+            }
+            if name == "*" {
+                return None;
+            }
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            if flow::UNKEYED.contains(&name) {
+                return None;
+            }
+            values.push((name.clone(), request.get(&name).cloned()));
+        }
+    }
+    Some(values)
+}
+
 pub static SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        let g = |n: &str| IntGauge::new(n, n).unwrap();
+        let c = |n: &str| IntCounter::new(n, n).unwrap();
+        Store::new(
+            1 << 20,
+            CacheMetrics { bytes: g("b"), entries: g("e"), evictions: c("v"), coalesced: c("c") },
+        )
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(n, v)| (n.parse::<HeaderName>().unwrap(), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn the_url_hash_is_the_hash_of_the_key_text() {
+        let many: String = (0..40).rev().map(|i| format!("p{i}={i}")).collect::<Vec<_>>().join("&");
+        for (host, path, query, text) in [
+            ("API.Example:8080", "/a/b", None, "api.example:8080\n/a/b".to_owned()),
+            ("h", "/x", Some("b=2&a=1&&c"), "h\n/x?a=1&b=2&c".to_owned()),
+            ("h", "/x", Some(""), "h\n/x".to_owned()),
+            ("h", "/x", Some("&&"), "h\n/x?".to_owned()),
+            (&"H".repeat(150), "/", Some("z&y"), format!("{}\n/?y&z", "h".repeat(150))),
+            ("h", "/many", Some(many.as_str()), {
+                let mut p: Vec<String> = (0..40).map(|i| format!("p{i}={i}")).collect();
+                p.sort();
+                format!("h\n/many?{}", p.join("&"))
+            }),
+        ] {
+            assert_eq!(url_hash(host, path, query), xxhash_rust::xxh3::xxh3_64(text.as_bytes()), "{text}");
+            assert_eq!(CacheKey::new(host, path, query).hash, url_hash(host, path, query));
+        }
+    }
+
+    /// The fast hit path and the full judgement agree on every plain request, and the hit
+    /// head's Age and TTL are the policy's.
+    #[test]
+    fn fast_hits_agree_with_the_full_judgement() {
+        let now = SystemTime::now();
+        let responses: &[&[(&str, &str)]] = &[
+            &[("cache-control", "public, max-age=60")],
+            &[("cache-control", "max-age=60"), ("age", "20")],
+            &[("cache-control", "s-maxage=30, max-age=0")],
+            &[("cache-control", "max-age=60, no-cache")],
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            &[("cache-control", "max-age=60"), ("vary", "accept-encoding, X-Tier")],
+            &[("cache-control", "max-age=60"), ("vary", "x-forwarded-host")],
+            &[("cache-control", "max-age=0")],
+        ];
+        let requests: &[&[(&str, &str)]] = &[
+            &[("host", "h")],
+            &[("host", "h"), ("accept-language", "en")],
+            &[("host", "h"), ("accept-language", "fr")],
+            &[("host", "h"), ("x-tier", "gold"), ("accept-encoding", "gzip")],
+            &[("host", "h"), ("cache-control", "max-age=5")],
+            &[("host", "h"), ("cache-control", "no-cache")],
+            &[("host", "h"), ("pragma", "no-cache")],
+        ];
+        let key = CacheKey::new("h", "/p", None);
+        let (mut fast_hits, mut judged_apart) = (0, 0);
+        for res in responses {
+            for stored_for in requests {
+                let store = store();
+                let e = Arc::new(assemble(
+                    &key,
+                    &map(stored_for),
+                    StatusCode::OK,
+                    map(res),
+                    Bytes::from_static(b"body"),
+                    Vec::new(),
+                    (Duration::ZERO, Duration::ZERO),
+                    Vec::new(),
+                    now,
+                ));
+                store.insert(&key, e.clone(), &map(stored_for), now);
+                for later in [0, 10, 25, 59, 61] {
+                    let at = now + Duration::from_secs(later);
+                    assert_eq!(e.age(at), e.policy.age(at), "{res:?} at +{later}s");
+                    assert_eq!(
+                        e.ttl(at).as_secs(),
+                        e.policy.time_to_live(at).as_secs(),
+                        "{res:?} at +{later}s"
+                    );
+                    for req in requests {
+                        let headers = map(req);
+                        let full = matches!(store.lookup(&key, &headers, at), Lookup::Fresh(_));
+                        match store.fresh(key.hash, &headers, at) {
+                            Some(_) => {
+                                assert!(full, "fast hit the full judgement refuses: {res:?} {req:?}");
+                                fast_hits += 1;
+                            }
+                            None if plain(&headers) && e.vary.is_some() => {
+                                assert!(!full, "a plain request the fast path missed: {res:?} {req:?}")
+                            }
+                            None => judged_apart += 1,
+                        }
+                    }
+                }
+            }
+        }
+        // Both kinds of request were seen.
+        assert!(
+            fast_hits > 100 && judged_apart > 100,
+            "{fast_hits} fast hits, {judged_apart} left to the policy"
+        );
+    }
+}
