@@ -439,6 +439,14 @@ impl Store {
         existed
     }
 
+    /// Removes every entry (when purges may have been missed); returns how many URLs went.
+    pub fn clear(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        let count = self.entries.entry_count();
+        self.entries.invalidate_all();
+        count
+    }
+
     /// Removes every entry tagged with one of `keys`; returns how many URLs went.
     pub fn purge_keys(&self, keys: &[String]) -> usize {
         let targets: HashSet<u64> = {

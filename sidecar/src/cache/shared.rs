@@ -5,8 +5,15 @@
 //!
 //! A purge bumps the policy's generation in Redis, which retires every shared entry of the
 //! policy at once (coarser than the memory tier, which purges by key and path, and always
-//! correct). Pub/sub reaches the pods of single-node Redis; with a Redis Cluster the shared
-//! tier and its lock work, and purges of other pods' memory wait for their entries to expire.
+//! correct).
+//!
+//! Pods hear each other by classic PUBLISH and SUBSCRIBE, with single-node Redis and with a
+//! Redis Cluster alike: a cluster's bus carries every PUBLISH to the subscribers of every
+//! node, so each pod listens on one configured node, and on the next one when that one fails
+//! (closes the connection, refuses it, or stops answering pings). What is published while a
+//! pod is not listening does not reach it. On listening again, it compares the generation
+//! with the purges it heard, and clears its memory tier if it missed one; an invalidation
+//! missed that way lasts until the entry expires.
 
 use std::{
     sync::Arc,
@@ -27,14 +34,12 @@ pub struct Shared {
     scope: String,
     /// Tells this pod's own messages from others'.
     instance: u64,
-    subscriber: Option<tokio::task::JoinHandle<()>>,
+    subscriber: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(t) = &self.subscriber {
-            t.abort();
-        }
+        self.subscriber.abort();
     }
 }
 
@@ -108,6 +113,9 @@ mod serde_bytes_b64 {
 #[serde(rename_all = "camelCase")]
 struct Message {
     from: u64,
+    /// A purge's generation, the one its INCR made (none if Redis did not answer it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
     #[serde(default)]
     purge_keys: Vec<String>,
     #[serde(default)]
@@ -123,10 +131,7 @@ fn epoch_ms(t: SystemTime) -> u64 {
 impl Shared {
     pub fn new(redis: Arc<RedisStore>, scope: String, store: Arc<Store>) -> Arc<Self> {
         let instance = fastrand::u64(..);
-        let subscriber = (!redis.cluster).then(|| {
-            let (redis, scope) = (redis.clone(), scope.clone());
-            tokio::spawn(subscribe(redis, scope, instance, store))
-        });
+        let subscriber = tokio::spawn(subscribe(redis.clone(), scope.clone(), instance, store));
         Arc::new(Self { redis, scope, instance, subscriber })
     }
 
@@ -143,21 +148,12 @@ impl Shared {
         format!("apipolicy:fill:{{{}/{hash:016x}}}", self.scope)
     }
 
-    fn generation_key(&self) -> String {
-        format!("apipolicy:generation:{{{}}}", self.scope)
-    }
-
     fn channel(&self) -> String {
         channel(&self.scope)
     }
 
     async fn generation(&self) -> u64 {
-        self.redis
-            .command::<Option<u64>>(redis::cmd("GET").arg(self.generation_key()))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        generation(&self.redis, &self.scope).await.unwrap_or(0)
     }
 
     /// The shared entry for `key`, if there is one of the current generation.
@@ -247,15 +243,17 @@ impl Shared {
 
     /// Retires the shared tier of the policy and tells every pod to purge its memory.
     pub async fn purge(&self, keys: &[String], paths: &[String]) -> bool {
-        let bumped = self.redis.command::<u64>(redis::cmd("INCR").arg(self.generation_key())).await.is_ok();
+        let generation =
+            self.redis.command::<u64>(redis::cmd("INCR").arg(generation_key(&self.scope))).await.ok();
         self.publish(Message {
             from: self.instance,
+            generation,
             purge_keys: keys.to_vec(),
             purge_paths: paths.to_vec(),
             ..Default::default()
         })
         .await;
-        bumped
+        generation.is_some()
     }
 
     async fn publish(&self, message: Message) {
@@ -268,6 +266,16 @@ fn channel(scope: &str) -> String {
     format!("apipolicy:events:{scope}")
 }
 
+fn generation_key(scope: &str) -> String {
+    format!("apipolicy:generation:{{{scope}}}")
+}
+
+/// The policy's generation (0 before its first purge), `None` when Redis does not answer.
+async fn generation(redis: &RedisStore, scope: &str) -> Option<u64> {
+    let answer = redis.command::<Option<u64>>(redis::cmd("GET").arg(generation_key(scope))).await;
+    answer.ok().map(|g| g.unwrap_or(0))
+}
+
 fn to_map(pairs: &[(String, Vec<u8>)]) -> HeaderMap {
     let mut m = HeaderMap::new();
     for (n, v) in pairs {
@@ -278,36 +286,111 @@ fn to_map(pairs: &[(String, Vec<u8>)]) -> HeaderMap {
     m
 }
 
-/// Applies other pods' purges and invalidations to this pod's memory tier, reconnecting with
-/// backoff when Redis goes away.
+/// How often a listening pod pings its node: one that stops answering (a host gone without
+/// closing its connections, a hung server) is left after this and the Redis timeout.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Applies other pods' purges and invalidations to this pod's memory tier.
+///
+/// It listens on one node at a time, the configured URLs in turn: the next one after each
+/// failure, after a backoff. Any node does, since a Redis Cluster carries a PUBLISH to the
+/// subscribers of every node (the `PUBLISH` itself goes where the cluster client routes it).
+/// Each time it listens again, it checks that it heard every purge since it last started
+/// listening, and clears the memory tier if it did not.
 async fn subscribe(redis: Arc<RedisStore>, scope: String, instance: u64, store: Arc<Store>) {
-    let mut backoff = Duration::from_millis(200);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+    let channel = channel(&scope);
+    // A node that accepts the connection and never answers must not hold the subscriber.
+    let limit = redis.timeout.max(Duration::from_secs(1));
+    let mut backoff = FIRST_BACKOFF;
+    let mut tries = 0usize;
+    // From the last subscription: the generation when it started (`None`: Redis did not
+    // say), and how many purges of later generations it heard.
+    let mut last: Option<(Option<u64>, u64)> = None;
     loop {
-        let attempt = async {
-            let client = redis::Client::open(redis.urls[0].as_str())?;
+        let node = tries % redis.urls.len();
+        let url = &redis.urls[node];
+        let subscribed = tokio::time::timeout(limit, async {
+            let client = redis::Client::open(url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(channel(&scope)).await?;
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let Ok(payload) = msg.get_payload::<String>() else { continue };
-                let Ok(m) = serde_json::from_str::<Message>(&payload) else { continue };
-                if m.from == instance {
-                    continue;
-                }
-                for hash in m.invalidate {
-                    store.invalidate(hash);
-                }
-                let purged = store.purge_keys(&m.purge_keys) + store.purge_paths(&m.purge_paths);
-                if purged > 0 {
-                    tracing::info!(purged, "cache purged by another pod");
-                }
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Err(_) => tracing::debug!(
+                node,
+                "no answer in {limit:?} to listen for cache events; trying the next node"
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(node, error = %e, "cannot listen for cache events; trying the next node")
             }
-            Ok::<(), redis::RedisError>(())
-        };
-        if let Err(e) = attempt.await {
-            tracing::debug!(error = %e, "cache event subscription lost; retrying");
+            Ok(Ok(pubsub)) => {
+                backoff = FIRST_BACKOFF;
+                // Read after subscribing: any purge after this is heard.
+                let now = generation(&redis, &scope).await;
+                if let Some((before, heard)) = last {
+                    let missed = match (before, now) {
+                        (Some(before), Some(now)) => now.checked_sub(before) != Some(heard),
+                        _ => true,
+                    };
+                    if missed {
+                        let cleared = store.clear();
+                        tracing::warn!(
+                            node,
+                            cleared,
+                            "listening for cache events again; purges were missed meanwhile, so the memory tier was cleared"
+                        );
+                    } else {
+                        tracing::info!(node, "listening for cache events again; no purge was missed");
+                    }
+                }
+                let mut heard = 0;
+                let (mut sink, mut messages) = pubsub.split();
+                let mut heartbeat =
+                    tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+                let why = loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => heard += apply(&store, instance, now, &msg),
+                            None => break "the connection closed",
+                        },
+                        _ = heartbeat.tick() => {
+                            let pong = tokio::time::timeout(limit, sink.ping::<redis::Value>()).await;
+                            if !matches!(pong, Ok(Ok(_))) {
+                                break "no answer to a ping";
+                            }
+                        }
+                    }
+                };
+                last = Some((now, heard));
+                tracing::warn!(
+                    node,
+                    "stopped listening for cache events ({why}); missed purges are caught up once it listens again"
+                );
+            }
         }
+        tries = tries.wrapping_add(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Applies one message; 1 for a purge of a generation after `since`, to count those heard.
+fn apply(store: &Store, instance: u64, since: Option<u64>, msg: &redis::Msg) -> u64 {
+    let Ok(payload) = msg.get_payload::<String>() else { return 0 };
+    let Ok(m) = serde_json::from_str::<Message>(&payload) else { return 0 };
+    // This pod's own purges count too.
+    let counted = u64::from(m.generation.zip(since).is_some_and(|(g, since)| g > since));
+    if m.from == instance {
+        return counted;
+    }
+    for hash in m.invalidate {
+        store.invalidate(hash);
+    }
+    let purged = store.purge_keys(&m.purge_keys) + store.purge_paths(&m.purge_paths);
+    if purged > 0 {
+        tracing::info!(purged, "cache purged by another pod");
+    }
+    counted
 }

@@ -76,13 +76,13 @@ impl Drop for Redis {
     }
 }
 
+fn cluster_node(dir: &TempDir, name: &str) -> Redis {
+    let conf = format!("nodes-{}-{name}.conf", std::process::id());
+    Redis::start(dir, &["--cluster-enabled", "yes", "--cluster-config-file", &conf])
+}
+
 fn cluster(dir: &TempDir) -> Vec<Redis> {
-    let nodes: Vec<Redis> = (0..3)
-        .map(|i| {
-            let conf = format!("nodes-{}-{i}.conf", std::process::id());
-            Redis::start(dir, &["--cluster-enabled", "yes", "--cluster-config-file", &conf])
-        })
-        .collect();
+    let nodes: Vec<Redis> = (0..3).map(|i| cluster_node(dir, &i.to_string())).collect();
     let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
     let out = Command::new("redis-cli")
         .args(["--cluster", "create"])
@@ -95,6 +95,33 @@ fn cluster(dir: &TempDir) -> Vec<Redis> {
         n.wait_for(|out| out.contains("cluster_state:ok"), &["cluster", "info"]);
     }
     nodes
+}
+
+/// Masters that join `cluster` with no slots: no key lives there, so no command is routed
+/// to them.
+fn spare_masters(dir: &TempDir, cluster: &[Redis], n: usize) -> Vec<Redis> {
+    let spare: Vec<Redis> = (0..n).map(|i| cluster_node(dir, &format!("spare-{i}"))).collect();
+    // Each meets every master: a master broadcasts a PUBLISH to the nodes it knows.
+    for s in &spare {
+        for m in cluster {
+            assert_eq!(s.cli(&["cluster", "meet", "127.0.0.1", &m.port.to_string()]).trim(), "OK");
+        }
+    }
+    let known = format!("cluster_known_nodes:{}", cluster.len() + n);
+    for m in cluster {
+        m.wait_for(|out| out.contains(&known), &["cluster", "info"]);
+    }
+    // And knows where the slots are, for a cluster client that asks it first. (Its own
+    // `cluster_state` turns ok only seconds later, which SUBSCRIBE does not wait for.)
+    for s in &spare {
+        s.wait_for(|out| out.contains("cluster_slots_assigned:16384"), &["cluster", "info"]);
+    }
+    spare
+}
+
+/// How many clients of `node` listen on `channel`.
+fn subscribers(node: &Redis, channel: &str) -> u32 {
+    node.cli(&["pubsub", "numsub", channel]).lines().nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
 }
 
 /// `timeout` is Redis's: tight where timeouts are the subject, generous where exact counting
@@ -291,6 +318,97 @@ const CACHED: &str = "  - name: cached
     cache: {maxAge: 60s, surrogateKeys: [catalog]}
 ";
 
+/// The channel the pods of the test policy tell each other about purges and invalidations on.
+const EVENTS: &str = "apipolicy:events:default/test";
+
+/// A GET of `path` from `pod` by the Service's host name: the status, `Cache-Status`, and the
+/// app's number for the answer (it counts the requests to each path).
+async fn cached(c: &HttpClient, pod: &Handle, path: &str) -> (StatusCode, String, Option<u64>) {
+    let url = format!("http://{}{path}", pod.proxy_addr);
+    let req = Request::get(url).header("host", "api.test").body(empty()).unwrap();
+    let (status, h, body) = send(c, req).await;
+    let n = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["n"].as_u64();
+    (status, h.get("cache-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default(), n)
+}
+
+/// Has every pod serve `path` from its own memory; returns the app's number for that copy.
+async fn in_every_memory(c: &HttpClient, pods: &[Handle], path: &str) -> u64 {
+    let mut copies = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let mut tries = 0;
+        loop {
+            let (status, cache, n) = cached(c, pod, path).await;
+            assert_eq!(status, StatusCode::OK);
+            // A memory hit names no detail; one from the shared tier says `detail=shared`.
+            if cache.contains("hit") && !cache.contains("detail") {
+                copies.push(n.unwrap());
+                break;
+            }
+            tries += 1;
+            assert!(tries < 3, "pod {i} does not keep {path} in memory: {cache}");
+        }
+    }
+    assert!(copies.iter().all(|n| *n == copies[0]), "one copy for all pods: {copies:?}");
+    copies[0]
+}
+
+/// Asks `pod` for `path` until it no longer serves copy `stale`; returns the first other
+/// answer's `Cache-Status`.
+async fn until_dropped(c: &HttpClient, pod: &Handle, path: &str, stale: u64, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, cache, n) = cached(c, pod, path).await;
+        assert_eq!(status, StatusCode::OK);
+        if n != Some(stale) {
+            return cache;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still serves copy {stale} of {path} after {within:?}: {cache}",
+            pod.proxy_addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn purge(c: &HttpClient, pod: &Handle, keys: &str) {
+    let purge = Request::post(format!("http://{}/purge", pod.admin_addr))
+        .body(full(format!(r#"{{"keys": ["{keys}"]}}"#)))
+        .unwrap();
+    let (status, _, body) = send(c, purge).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["shared"],
+        true,
+        "the generation moved"
+    );
+}
+
+/// Pod 0 changes `/app/cached/{name}` by a POST, which invalidates it (RFC 9111 §4.4), then
+/// purges it by a surrogate key the app gave it: each time, pods 1 and 2, which hold it in
+/// memory, stop serving their copy within a few seconds.
+async fn changes_reach_other_pods(c: &HttpClient, pods: &[Handle], up: &Upstream, name: &str) {
+    let (path, url) = (format!("/app/cached/{name}"), format!("/app/cached/{name}?skey={name}"));
+    let copy = in_every_memory(c, pods, &url).await;
+    let post = Request::post(format!("http://{}{url}", pods[0].proxy_addr))
+        .header("host", "api.test")
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(c, post).await.0, StatusCode::OK);
+    for pod in &pods[1..] {
+        until_dropped(c, pod, &url, copy, Duration::from_secs(3)).await;
+    }
+
+    let copy = in_every_memory(c, pods, &url).await;
+    purge(c, &pods[0], name).await;
+    let hits = up.hits(&path);
+    // Pod 2 misses (its copy and the shared one are gone) and refills, once; pod 1 drops its copy too.
+    let cache = until_dropped(c, &pods[2], &url, copy, Duration::from_secs(3)).await;
+    assert!(!cache.contains("hit"), "{cache}");
+    assert_eq!(up.hits(&path), hits + 1, "refilled once");
+    until_dropped(c, &pods[1], &url, copy, Duration::from_secs(3)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
     if !have_redis() {
@@ -302,19 +420,10 @@ async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
     let mut pods = sidecars(3, &dir, &up.url(), CACHED, &redis.url(), "2s").await;
     let c = client();
     // Clients reach every pod by the Service's one host name, which is part of the cache key.
-    let get_from = |pod: &Handle, path: &str| {
-        let (c, url) = (c.clone(), format!("http://{}{path}", pod.proxy_addr));
-        async move {
-            let req = Request::get(url).header("host", "api.test").body(empty()).unwrap();
-            let (status, h, body) = send(&c, req).await;
-            let n = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["n"].as_u64();
-            (status, h.get("cache-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default(), n)
-        }
-    };
     // Pod 0 fills; pod 1, which never saw the URL, starts warm from Redis.
-    let (_, status, n) = get_from(&pods[0], "/app/cached/warm").await;
+    let (_, status, n) = cached(&c, &pods[0], "/app/cached/warm").await;
     assert!(status.contains("stored") && n == Some(1), "{status}");
-    let (_, status, n) = get_from(&pods[1], "/app/cached/warm").await;
+    let (_, status, n) = cached(&c, &pods[1], "/app/cached/warm").await;
     assert!(status.contains("detail=shared"), "{status}");
     assert_eq!((n, up.hits("/app/cached/warm")), (Some(1), 1));
 
@@ -334,7 +443,7 @@ async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
     assert_eq!(up.hits("/app/cached/cold"), 1, "one fill for 30 requests on 3 pods");
 
     // A purge on one pod reaches the others' memory and retires the shared tier.
-    let (_, _, n) = get_from(&pods[2], "/app/cached/warm").await;
+    let (_, _, n) = cached(&c, &pods[2], "/app/cached/warm").await;
     assert_eq!(n, Some(1));
     let purge = Request::post(format!("http://{}/purge", pods[0].admin_addr))
         .body(full(r#"{"keys": ["catalog"]}"#))
@@ -344,7 +453,7 @@ async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["shared"], true);
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let (_, status, _) = get_from(&pods[2], "/app/cached/warm").await;
+        let (_, status, _) = cached(&c, &pods[2], "/app/cached/warm").await;
         if !status.contains("hit") {
             break;
         }
@@ -352,15 +461,74 @@ async fn the_shared_cache_tier_warms_new_pods_and_fills_once_for_all() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(up.hits("/app/cached/warm"), 2, "refilled once");
+    // An invalidation by POST reaches the others' memory too (and a purge by a key warm lacks
+    // leaves warm in pod 2's memory).
+    changes_reach_other_pods(&c, &pods, &up, "changed").await;
 
     // Redis gone: the memory tier goes on, and no request waits on Redis past its timeout.
     drop(redis);
-    let (status, cache, _) = get_from(&pods[2], "/app/cached/warm").await;
+    let (status, cache, _) = cached(&c, &pods[2], "/app/cached/warm").await;
     assert_eq!(status, StatusCode::OK);
     assert!(cache.contains("hit"), "{cache}");
     let t = Instant::now();
-    let (status, _, _) = get_from(&pods[1], "/app/cached/new").await;
+    let (status, _, _) = cached(&c, &pods[1], "/app/cached/new").await;
     assert_eq!(status, StatusCode::OK);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     pods.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_pod_through_a_redis_cluster() {
+    if !have_redis() {
+        return;
+    }
+    let up = Upstream::start().await;
+    let dir = TempDir::new("cluster-cache");
+    // Three masters without slots, listed first: the pods listen on the first, and no PUBLISH
+    // is sent there (it goes to the master of the channel's slot), so what they hear has
+    // crossed the cluster bus.
+    let masters = cluster(&dir);
+    let spare = spare_masters(&dir, &masters, 3);
+    let urls: Vec<String> = spare.iter().chain(&masters).map(Redis::url).collect();
+    let pods = sidecars(3, &dir, &up.url(), CACHED, &urls.join(","), "1s").await;
+    // The cluster connection is made in the background, and the subscriptions too: wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut connected = true;
+        for pod in &pods {
+            let redis = pod.sidecar.proxy.active.load().redis.clone().unwrap();
+            connected &= redis.cluster && redis.ping().await.is_ok();
+        }
+        if connected && subscribers(&spare[0], EVENTS) == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sidecars did not reach the cluster");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = client();
+    changes_reach_other_pods(&c, &pods, &up, "across").await;
+
+    // The node the pods listen on hangs, the next is dead and the one after hangs too: a purge
+    // made meanwhile reaches no pod, yet each drops its copy once it listens again, on the
+    // first master.
+    let copy = in_every_memory(&c, &pods, "/app/cached/missed").await;
+    spare[0].signal("STOP");
+    spare[1].signal("KILL");
+    spare[2].signal("STOP");
+    purge(&c, &pods[0], "catalog").await;
+    let listening: u32 = masters.iter().map(|m| subscribers(m, EVENTS)).sum();
+    assert_eq!(listening, 0, "no pod listened when the purge was made");
+    let hits = up.hits("/app/cached/missed");
+    // Up to 2 s to the next ping and 1 s for its answer (the Redis timeout, at least 1 s), then
+    // backoffs of 0.2, 0.4 and 0.8 s around the dead node and the 1 s subscription timeout.
+    let cache = until_dropped(&c, &pods[2], "/app/cached/missed", copy, Duration::from_secs(15)).await;
+    assert!(!cache.contains("hit"), "{cache}");
+    assert_eq!(up.hits("/app/cached/missed"), hits + 1, "refilled once");
+    until_dropped(&c, &pods[1], "/app/cached/missed", copy, Duration::from_secs(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while subscribers(&masters[0], EVENTS) < 3 {
+        assert!(Instant::now() < deadline, "the pods did not move on to the first master");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    changes_reach_other_pods(&c, &pods, &up, "moved").await;
 }
