@@ -178,22 +178,26 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A body read whole, or what was read before it proved larger than the limit.
+/// A body read whole (with the XXH3-128 hash of its bytes, made as they arrived), or what
+/// was read before it proved larger than the limit.
 pub enum Buffered {
-    Complete(Bytes),
+    Complete(Bytes, u128),
     TooLarge(Bytes, Incoming),
 }
 
-/// Reads `body` whole if it is at most `limit` bytes.
+/// Reads `body` whole if it is at most `limit` bytes, hashing each chunk as it comes: the
+/// strong ETag of a stored response costs no second pass over its body.
 pub async fn buffer(mut body: Incoming, limit: u64) -> Result<Buffered, hyper::Error> {
     let mut buf = bytes::BytesMut::new();
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() as u64 > limit {
                 return Ok(Buffered::TooLarge(buf.freeze(), body));
             }
+            hash.update(&data);
         }
     }
-    Ok(Buffered::Complete(buf.freeze()))
+    Ok(Buffered::Complete(buf.freeze(), hash.digest128()))
 }

@@ -328,9 +328,9 @@ async fn fill(
             }
             (Ok(resp), Flight::Uncacheable)
         }
-        Ok(Buffered::Complete(bytes)) => {
+        Ok(Buffered::Complete(bytes, hash)) => {
             if config.etag && !parts.headers.contains_key(header::ETAG) && status == StatusCode::OK {
-                parts.headers.insert(header::ETAG, conditional::etag_for(&bytes));
+                parts.headers.insert(header::ETAG, conditional::etag_of_hash(hash));
             }
             let e = Arc::new(entry(config, key, client_headers, status, parts.headers, bytes, now));
             store.insert(key, e.clone(), client_headers, now);
