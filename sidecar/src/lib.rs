@@ -19,3 +19,4 @@ pub mod signal;
 pub mod slo;
 pub mod state;
 pub mod upstream;
+pub mod values;

@@ -5,7 +5,6 @@
 //! body ends.
 
 use std::{
-    cell::RefCell,
     io::Write as _,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -16,7 +15,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
     request::Parts, uri::PathAndQuery,
@@ -458,21 +456,8 @@ impl RequestIds {
         let mut buf = [0u8; 32];
         hex16(self.prefix, &mut buf[..16]);
         hex16(n, &mut buf[16..]);
-        // Cut from a per-thread block: one allocation per 128 ids, and clones are a refcount
-        // (a copied HeaderValue costs two: the copy, then its promotion on the first clone).
-        ID_BLOCK.with_borrow_mut(|block| {
-            if block.capacity() < buf.len() {
-                *block = BytesMut::with_capacity(buf.len() * 128);
-            }
-            block.extend_from_slice(&buf);
-            HeaderValue::from_maybe_shared(block.split().freeze())
-                .expect("hex digits are a valid header value")
-        })
+        crate::values::cut(&buf).expect("hex digits are a valid header value")
     }
-}
-
-thread_local! {
-    static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 fn hex16(n: u64, out: &mut [u8]) {

@@ -21,6 +21,7 @@ use crate::{
     clientip::{Client, TrustedProxies},
     error::ProxyError,
     metrics::Metrics,
+    values::{self, Text},
 };
 use algo::{Decision, Params};
 use local::LocalStore;
@@ -73,6 +74,7 @@ pub struct Applied {
 
 impl Applied {
     pub fn write(self, headers: &mut HeaderMap) {
+        headers.reserve(self.headers.len());
         for (name, value) in self.headers {
             headers.insert(name, value);
         }
@@ -207,17 +209,32 @@ impl RouteLimiter {
         let (policy, limit) = &self.policy_headers[which];
         let reset_s = d.reset_ns.div_ceil(1_000_000_000);
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut ratelimit = Text::default();
+        ratelimit.push(b"\"").push(self.route.as_bytes()).push(b"\";r=").push_u64(d.remaining);
+        ratelimit.push(b";t=").push_u64(reset_s);
+        let (mut remaining, mut reset) = (Text::default(), Text::default());
+        remaining.push_u64(d.remaining);
+        reset.push_u64(epoch + reset_s);
+        let [ratelimit, remaining, reset] = ratelimit
+            .fits()
+            .then(|| values::cut_all([ratelimit.as_bytes(), remaining.as_bytes(), reset.as_bytes()]))
+            .flatten()
+            .unwrap_or_else(|| {
+                // A route name too long for the stack (or not a valid value).
+                let text = format!("\"{}\";r={};t={reset_s}", self.route, d.remaining);
+                [
+                    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("\"default\"")),
+                    HeaderValue::from(d.remaining),
+                    HeaderValue::from(epoch + reset_s),
+                ]
+            });
         let applied = Applied {
             headers: [
                 (RATELIMIT_POLICY.clone(), policy.clone()),
-                (
-                    RATELIMIT.clone(),
-                    HeaderValue::from_str(&format!("\"{}\";r={};t={reset_s}", self.route, d.remaining))
-                        .unwrap_or(HeaderValue::from_static("\"default\"")),
-                ),
+                (RATELIMIT.clone(), ratelimit),
                 (X_LIMIT.clone(), limit.clone()),
-                (X_REMAINING.clone(), HeaderValue::from(d.remaining)),
-                (X_RESET.clone(), HeaderValue::from(epoch + reset_s)),
+                (X_REMAINING.clone(), remaining),
+                (X_RESET.clone(), reset),
             ],
         };
         if d.allowed {
