@@ -310,6 +310,20 @@ cpu_ticks() {
   echo "$total"
 }
 
+# Of those, the system (kernel) ticks alone.
+cpu_sys_ticks() {
+  local name=$1 total=0 pid v
+  [[ -n "${PID[$name]:-}" ]] || {
+    echo 0
+    return
+  }
+  for pid in $(pids_of "$name"); do
+    v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $13 }' || true)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+
 # "busy total" jiffies of one core from /proc/stat.
 core_jiffies() {
   awk -v c="cpu$1" '$1 == c { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6 }' /proc/stat
@@ -741,6 +755,7 @@ children_cpu_s() { # FILE written by `times`: user+sys seconds of this shell's f
 sample_start() { # SERVER (or "none")
   S_T0=$(date +%s.%N)
   S_SRV0=$(cpu_ticks "$1")
+  S_SYS0=$(cpu_sys_ticks "$1")
   S_UP0=$(cpu_ticks upstream)
   S_RD0=$(cpu_ticks redis)
   times >"$RAW/.times0"
@@ -748,10 +763,11 @@ sample_start() { # SERVER (or "none")
   S_C1=$(core_jiffies "$LOAD_CORE")
 }
 sample_end() { # SERVER OUT.json
-  local t1 srv1 up1 rd1 gen0 gen1 c0 c1
+  local t1 srv1 sys1 up1 rd1 gen0 gen1 c0 c1
   times >"$RAW/.times1"
   t1=$(date +%s.%N)
   srv1=$(cpu_ticks "$1")
+  sys1=$(cpu_sys_ticks "$1")
   up1=$(cpu_ticks upstream)
   rd1=$(cpu_ticks redis)
   gen0=$(children_cpu_s "$RAW/.times0")
@@ -759,7 +775,7 @@ sample_end() { # SERVER OUT.json
   c0=$(core_jiffies "$PROXY_CORE")
   c1=$(core_jiffies "$LOAD_CORE")
   python3 - "$2" "$1" "$(getconf CLK_TCK)" "$S_T0" "$t1" "$S_SRV0" "$srv1" "$S_UP0" "$up1" "$gen0" "$gen1" \
-    "$S_C0" "$c0" "$S_C1" "$c1" "$S_RD0" "$rd1" <<'PY'
+    "$S_C0" "$c0" "$S_C1" "$c1" "$S_RD0" "$rd1" "$S_SYS0" "$sys1" <<'PY'
 import json, sys
 a = sys.argv
 out, server, hz = a[1], a[2], int(a[3])
@@ -769,6 +785,7 @@ def busy(x, y):
     b0, n0 = map(int, x.split()); b1, n1 = map(int, y.split())
     return 100.0 * (b1 - b0) / max(n1 - n0, 1)
 server_cpu = pct(a[6], a[7])
+server_sys = pct(a[18], a[19])
 upstream_cpu = pct(a[8], a[9])
 redis_cpu = pct(a[16], a[17])
 gen_cpu = 100.0 * (float(a[11]) - float(a[10])) / secs
@@ -784,6 +801,7 @@ r = lambda v: None if v is None else round(v, 1)
 json.dump({
     "seconds": r(secs),
     "server_cpu_pct": r(server_cpu),
+    "server_sys_pct": r(server_sys),
     "upstream_cpu_pct": r(upstream_cpu),
     "redis_cpu_pct": r(redis_cpu),
     "loadgen_cpu_pct": r(gen_cpu),
