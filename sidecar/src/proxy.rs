@@ -86,9 +86,11 @@ impl Proxy {
             // The cache answers hits itself; only what goes on to the app takes a
             // concurrency slot, so a burst of hits is never shed.
             if let Some(cache) = &route.cache {
-                match crate::cache::flow::eligible(cache, &req) {
+                let asks = crate::cache::Asks::of(req.headers());
+                match crate::cache::flow::eligible(cache, &req, asks) {
                     Some(true) => {
-                        return crate::cache::flow::serve(&active, route, req, peer, &id, &mut finish).await;
+                        return crate::cache::flow::serve(&active, route, req, asks, peer, &id, &mut finish)
+                            .await;
                     }
                     Some(false) => route.cache_lookups.bypass.inc(),
                     None => {}

@@ -115,7 +115,12 @@ impl Router {
 /// `/api/./login` and `/api/%6Cogin` cannot slip past a route for `/api/login`. The request
 /// is forwarded unchanged. Borrows when nothing needs normalizing (the common case).
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let needs = path.contains("//") || path.contains("/.") || path.contains('%');
+    // One pass over the bytes (two substring searches cost more on the short paths of APIs).
+    let b = path.as_bytes();
+    let needs = b
+        .iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'%' || (c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'.'))));
     if !needs {
         return Cow::Borrowed(path);
     }

@@ -15,7 +15,7 @@ use http::{
 use hyper::body::Incoming;
 
 use super::{
-    CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
+    Asks, CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
     refuse_to_store,
     shared::{FillLock, Shared},
 };
@@ -64,15 +64,15 @@ fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
 /// Whether the cache may answer a request: `None` for methods it never answers, `Some(false)`
 /// for a GET or HEAD that must bypass it (Range, `no-store`, and in Override mode
 /// Authorization, since the policy would make a per-user answer public).
-pub fn eligible<B>(config: &CacheConfig, req: &Request<B>) -> Option<bool> {
+pub fn eligible<B>(config: &CacheConfig, req: &Request<B>, asks: Asks) -> Option<bool> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return None;
     }
-    let h = req.headers();
-    let bypass = h.contains_key(header::RANGE)
-        || (config.mode == CacheMode::Override && h.contains_key(header::AUTHORIZATION))
-        || super::directives(h.get_all(header::CACHE_CONTROL))
-            .any(|(n, _)| n.eq_ignore_ascii_case("no-store"));
+    let bypass = asks.range
+        || (config.mode == CacheMode::Override && asks.authorization)
+        || (asks.cache_control
+            && super::directives(req.headers().get_all(header::CACHE_CONTROL))
+                .any(|(n, _)| n.eq_ignore_ascii_case("no-store")));
     Some(!bypass)
 }
 
@@ -84,10 +84,12 @@ fn cache_status(kind: &str) -> HeaderValue {
 /// is answered from the URL's hash and the entry's ready head, before anything is copied.
 /// Everything else (misses, revalidation, the shared tier) takes the full path, boxed: its
 /// future is several KiB, and a hit should not carry it, nor move it around.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     active: &Arc<Active>,
     route: &RouteRuntime,
     req: Request<Incoming>,
+    asks: Asks,
     peer: SocketAddr,
     id: &HeaderValue,
     finish: &mut Finish,
@@ -95,11 +97,10 @@ pub async fn serve(
     let head = req.method() == Method::HEAD;
     let now = SystemTime::now();
     let (headers, uri) = (req.headers(), req.uri());
-    if let Some(e) =
-        active.store.fresh(super::url_hash(host(headers, uri), uri.path(), uri.query()), headers, now)
-    {
+    let hash = super::url_hash(host(headers, uri), uri.path(), uri.query());
+    if let Some(e) = active.store.fresh(hash, headers, asks, now) {
         route.cache_lookups.hit.inc();
-        return Ok(respond(active, route, &e, now, None, headers, head).await);
+        return Ok(respond(active, route, &e, now, None, headers, asks.conditional, head).await);
     }
     Box::pin(serve_full(active, route, req, peer, id, finish)).await
 }
@@ -129,7 +130,17 @@ async fn serve_full(
         match store.lookup(&key, &client_headers, now) {
             Lookup::Fresh(e) => {
                 route.cache_lookups.hit.inc();
-                return Ok(respond(active, route, &e, now, None, &client_headers, head).await);
+                return Ok(respond(
+                    active,
+                    route,
+                    &e,
+                    now,
+                    None,
+                    &client_headers,
+                    Asks::of(&client_headers).conditional,
+                    head,
+                )
+                .await);
             }
             Lookup::StaleWhileRevalidate(e) => {
                 route.cache_lookups.stale.inc();
@@ -145,7 +156,17 @@ async fn serve_full(
                     );
                 }
                 let kind = format!("hit; ttl=-{}", e.staleness(now).as_secs());
-                return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
+                return Ok(respond(
+                    active,
+                    route,
+                    &e,
+                    now,
+                    Some(&kind),
+                    &client_headers,
+                    Asks::of(&client_headers).conditional,
+                    head,
+                )
+                .await);
             }
             Lookup::Stale(e) => {
                 stale = Some(e);
@@ -187,7 +208,17 @@ async fn serve_full(
                         guard.finish(Flight::Stored);
                         route.cache_lookups.hit.inc();
                         let kind = format!("hit; ttl={}; {detail}", e.ttl(now).as_secs());
-                        return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
+                        return Ok(respond(
+                            active,
+                            route,
+                            &e,
+                            now,
+                            Some(&kind),
+                            &client_headers,
+                            Asks::of(&client_headers).conditional,
+                            head,
+                        )
+                        .await);
                     }
                 }
                 let (resp, outcome) = fill(
@@ -300,7 +331,17 @@ async fn fill(
             shared.put(key, &fresh, client_headers, now).await;
         }
         let kind = "fwd=stale; fwd-status=304; stored";
-        let r = respond(active, route, &fresh, now, Some(kind), client_headers, head).await;
+        let r = respond(
+            active,
+            route,
+            &fresh,
+            now,
+            Some(kind),
+            client_headers,
+            Asks::of(client_headers).conditional,
+            head,
+        )
+        .await;
         return (Ok(r), Flight::Stored);
     }
     if status.is_server_error()
@@ -338,7 +379,20 @@ async fn fill(
                 shared.put(key, &e, client_headers, now).await;
             }
             let kind = format!("{miss_kind}; stored; ttl={}", e.ttl(now).as_secs());
-            (Ok(respond(active, route, &e, now, Some(&kind), client_headers, head).await), Flight::Stored)
+            (
+                Ok(respond(
+                    active,
+                    route,
+                    &e,
+                    now,
+                    Some(&kind),
+                    client_headers,
+                    Asks::of(client_headers).conditional,
+                    head,
+                )
+                .await),
+                Flight::Stored,
+            )
         }
     }
 }
@@ -354,7 +408,17 @@ async fn stale_if_error(
 ) -> Response<ProxyBody> {
     route.cache_lookups.stale.inc();
     let kind = format!("hit; ttl=-{}; detail=stale-if-error", stale.staleness(now).as_secs());
-    respond(active, route, stale, now, Some(&kind), client_headers, head).await
+    respond(
+        active,
+        route,
+        stale,
+        now,
+        Some(&kind),
+        client_headers,
+        Asks::of(client_headers).conditional,
+        head,
+    )
+    .await
 }
 
 /// A response that is not stored, passed on with the cache's headers.
@@ -371,6 +435,7 @@ fn pass_through(config: &CacheConfig, resp: Response<Incoming>, kind: &str) -> R
 /// best encoding the client accepts (compressed once per entry and kept). The head comes from
 /// the entry's ready one for this Age and TTL; `kind` replaces its `Cache-Status` (a plain
 /// fresh hit has `None`).
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     active: &Active,
     route: &RouteRuntime,
@@ -378,6 +443,7 @@ async fn respond(
     now: SystemTime,
     kind: Option<&str>,
     request: &HeaderMap,
+    conditional: bool,
     head: bool,
 ) -> Response<ProxyBody> {
     let mut body = e.body.clone();
@@ -428,7 +494,7 @@ async fn respond(
     if let Some(kind) = kind {
         headers.insert(CACHE_STATUS.clone(), cache_status(kind));
     }
-    if (request.contains_key(header::IF_NONE_MATCH) || request.contains_key(header::IF_MODIFIED_SINCE))
+    if conditional
         && conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED))
     {
         let mut resp = Response::new(ProxyBody::empty());

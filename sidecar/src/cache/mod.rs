@@ -256,12 +256,42 @@ impl Entry {
     }
 }
 
-/// A request the fast hit path may judge: no `Cache-Control` or `Pragma` of the client's
-/// (`max-age`, `no-cache`, `min-fresh` … need the full judgement) and no `Authorization`.
-fn plain(request: &HeaderMap) -> bool {
-    !(request.contains_key(header::CACHE_CONTROL)
-        || request.contains_key(header::PRAGMA)
-        || request.contains_key(header::AUTHORIZATION))
+/// The request headers the cache looks at, found in one pass over the names (a request has a
+/// handful; several hash lookups for headers that are usually absent cost more).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Asks {
+    pub cache_control: bool,
+    pub pragma: bool,
+    pub authorization: bool,
+    pub range: bool,
+    /// `If-None-Match` or `If-Modified-Since`.
+    pub conditional: bool,
+}
+
+impl Asks {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut a = Self::default();
+        for name in headers.keys() {
+            if name == header::CACHE_CONTROL {
+                a.cache_control = true;
+            } else if name == header::PRAGMA {
+                a.pragma = true;
+            } else if name == header::AUTHORIZATION {
+                a.authorization = true;
+            } else if name == header::RANGE {
+                a.range = true;
+            } else if name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE {
+                a.conditional = true;
+            }
+        }
+        a
+    }
+
+    /// A request the fast hit path may judge: no `Cache-Control` or `Pragma` of the client's
+    /// (`max-age`, `no-cache`, `min-fresh` … need the full judgement) and no `Authorization`.
+    pub fn plain(&self) -> bool {
+        !(self.cache_control || self.pragma || self.authorization)
+    }
 }
 
 /// The result of a lookup.
@@ -366,12 +396,12 @@ impl Store {
         Self { entries, index, flights: Mutex::new(HashMap::new()), metrics }
     }
 
-    /// The fresh entry for a plain request (see [`plain`]), judged by the entry's freshness
+    /// The fresh entry for a plain request (see [`Asks::plain`]), judged by the entry's freshness
     /// and `Vary` values alone: the hit path, with no header parsing and no allocation.
     /// `None` sends the request the full way ([`Store::lookup`]), which judges every case;
     /// for a plain request both agree, since freshness and `Vary` are all it checks then.
-    pub fn fresh(&self, hash: u64, headers: &HeaderMap, now: SystemTime) -> Option<Arc<Entry>> {
-        if !plain(headers) {
+    pub fn fresh(&self, hash: u64, headers: &HeaderMap, asks: Asks, now: SystemTime) -> Option<Arc<Entry>> {
+        if !asks.plain() {
             return None;
         }
         let variants = self.entries.get(&hash)?;
@@ -838,12 +868,12 @@ mod tests {
                     for req in requests {
                         let headers = map(req);
                         let full = matches!(store.lookup(&key, &headers, at), Lookup::Fresh(_));
-                        match store.fresh(key.hash, &headers, at) {
+                        match store.fresh(key.hash, &headers, Asks::of(&headers), at) {
                             Some(_) => {
                                 assert!(full, "fast hit the full judgement refuses: {res:?} {req:?}");
                                 fast_hits += 1;
                             }
-                            None if plain(&headers) && e.vary.is_some() => {
+                            None if Asks::of(&headers).plain() && e.vary.is_some() => {
                                 assert!(!full, "a plain request the fast path missed: {res:?} {req:?}")
                             }
                             None => judged_apart += 1,
