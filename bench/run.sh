@@ -295,30 +295,18 @@ status_kb() {
   echo "$total"
 }
 
-# CPU ticks (user+system) used so far by the server's processes (0 for "none" or one not running).
+# CPU ticks used so far by the server's processes (0 for "none" or one not running): user and
+# system time, or with a second argument "sys", the system (kernel) time alone.
 cpu_ticks() {
-  local name=$1 total=0 pid v
+  local name=$1 total=0 pid v fields='$12 + $13'
+  [[ ${2:-} == sys ]] && fields='$13'
   [[ -n "${PID[$name]:-}" ]] || {
     echo 0
     return
   }
   for pid in $(pids_of "$name"); do
     # Fields after the ")" of comm: state is $1, utime is $12, stime is $13.
-    v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true)
-    total=$((total + ${v:-0}))
-  done
-  echo "$total"
-}
-
-# Of those, the system (kernel) ticks alone.
-cpu_sys_ticks() {
-  local name=$1 total=0 pid v
-  [[ -n "${PID[$name]:-}" ]] || {
-    echo 0
-    return
-  }
-  for pid in $(pids_of "$name"); do
-    v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $13 }' || true)
+    v=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk "{ print $fields }" || true)
     total=$((total + ${v:-0}))
   done
   echo "$total"
@@ -755,7 +743,7 @@ children_cpu_s() { # FILE written by `times`: user+sys seconds of this shell's f
 sample_start() { # SERVER (or "none")
   S_T0=$(date +%s.%N)
   S_SRV0=$(cpu_ticks "$1")
-  S_SYS0=$(cpu_sys_ticks "$1")
+  S_SYS0=$(cpu_ticks "$1" sys)
   S_UP0=$(cpu_ticks upstream)
   S_RD0=$(cpu_ticks redis)
   times >"$RAW/.times0"
@@ -767,7 +755,7 @@ sample_end() { # SERVER OUT.json
   times >"$RAW/.times1"
   t1=$(date +%s.%N)
   srv1=$(cpu_ticks "$1")
-  sys1=$(cpu_sys_ticks "$1")
+  sys1=$(cpu_ticks "$1" sys)
   up1=$(cpu_ticks upstream)
   rd1=$(cpu_ticks redis)
   gen0=$(children_cpu_s "$RAW/.times0")
