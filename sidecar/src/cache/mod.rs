@@ -202,9 +202,11 @@ impl Entry {
 
     fn weight(&self) -> u64 {
         let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
-        let encoded: usize =
-            self.encoded.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, b)| b.len()).sum();
-        (self.body.len() + encoded + headers + 512) as u64
+        let encoded = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
+        let bodies: usize = encoded.iter().map(|(_, b)| b.len()).sum();
+        // The stored headers, and a ready hit head per form served (identity and each encoding).
+        let heads = headers * (2 + encoded.len());
+        (self.body.len() + bodies + heads + 512) as u64
     }
 
     /// How far past freshness the entry is at `now` (zero when fresh).
