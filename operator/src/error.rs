@@ -98,6 +98,11 @@ pub enum Error {
     #[error("the SLO history is unreadable: {0}")]
     DecodeHistory(String),
 
+    #[error(
+        "the SLO history takes {bytes} bytes gzipped with everything left out that may be; at most {budget} fit"
+    )]
+    HistoryTooLarge { bytes: usize, budget: usize },
+
     #[error("the report is invalid: {0}")]
     InvalidReport(String),
 }
@@ -127,6 +132,7 @@ impl Error {
             Self::Metrics(_) => "metrics",
             Self::EncodeHistory(_) => "encode_history",
             Self::DecodeHistory(_) => "decode_history",
+            Self::HistoryTooLarge { .. } => "history_too_large",
             Self::InvalidReport(_) => "invalid_report",
         }
     }

@@ -25,6 +25,12 @@ pub const CONFIG_KEY: &str = "config.json";
 pub const CA_KEY: &str = "ca.crt";
 /// The key of the gzipped SLO history in `apipolicy-<name>-slo`.
 pub const HISTORY_KEY: &str = "history.json.gz";
+/// The most the gzipped SLO history may take. The API server refuses a ConfigMap whose `data`
+/// and `binaryData` hold more than 1 MiB (counted decoded: `binaryData` travels as base64, a
+/// third more, but is counted and stored as bytes); this leaves room to spare. The object on the
+/// wire is then at most about 1.2 MB, below the API server's 3 MiB requests and etcd's 1.5 MiB
+/// values.
+pub const HISTORY_MAX_BYTES: usize = 900 * 1024;
 
 pub fn config_map_name(policy: &str) -> String {
     format!("apipolicy-{policy}")
@@ -244,6 +250,18 @@ mod tests {
         assert_eq!(cm.metadata.name.as_deref(), Some("apipolicy-web-slo"));
         assert_eq!(cm.binary_data.as_ref().unwrap()[HISTORY_KEY].0, vec![1, 2, 3]);
         assert!(cm.data.is_none());
+    }
+
+    #[test]
+    fn a_history_at_its_limit_fits_a_config_map() {
+        let cm = slo_config_map(&quickstart(), vec![0xa5; HISTORY_MAX_BYTES]);
+        // The API server refuses more than 1 MiB of data and binaryData, counted decoded.
+        let binary: usize = cm.binary_data.iter().flatten().map(|(_, v)| v.0.len()).sum();
+        let text: usize = cm.data.iter().flatten().map(|(_, v)| v.len()).sum();
+        assert!(binary + text <= 1024 * 1024 - 100 * 1024, "{} bytes counted", binary + text);
+        // On the wire binaryData is base64, a third more: still well below etcd's 1.5 MiB.
+        let wire = serde_json::to_vec(&cm).unwrap().len();
+        assert!(wire <= 1536 * 1024 - 256 * 1024, "{wire} bytes on the wire");
     }
 
     #[test]

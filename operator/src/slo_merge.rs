@@ -13,6 +13,8 @@
 //! - The acknowledgement is the newest report whose merge has been saved: a sidecar resends
 //!   what came after it, so a crash of the operator between two saves loses nothing, and the
 //!   remembered counts make the resend count once.
+//! - The saved form must fit a ConfigMap: [`SloHistory::snapshot_within`] leaves out what
+//!   matters least when the whole history does not fit its budget, and says what it left out.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,7 +24,7 @@ use std::{
 use apipolicy_api::{
     SloConfig, SloStatus,
     report::{ReportAck, SloReport},
-    slo::{Counts, HOUR_MS, MINUTE_MS, SloSeries},
+    slo::{BURN_WINDOWS, Counts, HOUR_MS, MINUTE_MS, SloSeries},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -43,6 +45,9 @@ const INSTANCE_IDLE_MS: u64 = 10 * MINUTE_MS;
 /// Clocks closer than this are taken as agreeing: the difference is mostly transit time.
 const SKEW_TOLERANCE_MS: u64 = 2 * MINUTE_MS;
 const FORMAT_VERSION: u32 = 1;
+/// Minute buckets that figures still read: those of the longest burn-rate window (3d, which is
+/// also the longest window counted by the minute). `SloSeries` keeps an hour more.
+const MINUTES_READ: u64 = BURN_WINDOWS[BURN_WINDOWS.len() - 1].1 / MINUTE_MS;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Process {
@@ -81,6 +86,64 @@ pub struct Merged {
 /// The acknowledgements a snapshot would make true once it is saved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Watermarks(Vec<(Process, u64)>);
+
+/// A saved form of the history within a budget.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Gzipped JSON.
+    pub bytes: Vec<u8>,
+    /// The acknowledgements it makes true once saved.
+    pub marks: Watermarks,
+    /// What was left out to fit the budget; `None` when the whole history fit.
+    pub trimmed: Option<Trimmed>,
+}
+
+/// What a snapshot left out to fit its budget, in the order it is left out: each kind only when
+/// everything of the kinds before was not enough, and then about as few as make the snapshot fit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// The size of the whole history, gzipped.
+    pub full_bytes: usize,
+    /// Buckets no figure reads any more: minutes before the longest burn-rate window (3d) and
+    /// hours before the SLO's window (or 3d, when longer). Changes no figure.
+    pub expired_buckets: usize,
+    /// Processes whose remembered counts were left out, those heard from least recently first.
+    /// Changes no figure now; after a restart of the operator, a resend of theirs may count the
+    /// requests of the minute or so before the save twice.
+    pub seen_processes: usize,
+    /// The oldest hours left out of every SLO: after a restart of the operator, windows longer
+    /// than 3d cover less.
+    pub hours: usize,
+    /// The oldest minutes left out of every SLO (once no hour is left): after a restart of the
+    /// operator, burn rates and windows of up to 3d cover less.
+    pub minutes: usize,
+    /// Processes left out altogether, those heard from least recently first: after a restart of
+    /// the operator, each is told it has no acknowledgement, so it resends all it holds (up to
+    /// 3 days), which counts again.
+    pub processes: usize,
+}
+
+impl Trimmed {
+    /// What was left out, as the `reason` labels of the metric.
+    pub fn reasons(&self) -> Vec<&'static str> {
+        [
+            ("expired", self.expired_buckets),
+            ("seen", self.seen_processes),
+            ("hours", self.hours),
+            ("minutes", self.minutes),
+            ("processes", self.processes),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(reason, _)| reason)
+        .collect()
+    }
+
+    /// Whether the figures of the saved history, once restored, differ from those in memory.
+    pub fn changes_figures(&self) -> bool {
+        self.hours + self.minutes + self.processes > 0
+    }
+}
 
 /// The sidecar's clock minus the operator's, in whole minutes; zero within the tolerance.
 fn skew_ms(sent_at_ms: u64, now_ms: u64) -> i64 {
@@ -183,9 +246,71 @@ impl SloHistory {
         self.instances.len()
     }
 
-    /// The saved form (gzipped JSON) and the acknowledgements it makes true once saved.
+    /// The saved form (gzipped JSON) of the whole history and the acknowledgements it makes true
+    /// once saved.
     pub fn snapshot(&self) -> Result<(Vec<u8>, Watermarks)> {
-        let stored = Stored {
+        Ok((encode(&self.stored())?, self.watermarks()))
+    }
+
+    /// The saved form within `budget` bytes. A history that fits is saved whole, byte for byte
+    /// as [`Self::snapshot`] saves it. Else what matters least is left out first (see
+    /// [`Trimmed`]): buckets no figure of `slos` reads at `now_ms` or later, then the remembered
+    /// counts of the processes heard from least recently, and only then, changing the figures a
+    /// restored history gives, the oldest hours, the oldest minutes, and processes. Only the
+    /// saved form is trimmed: the history in memory keeps everything. Deterministic: the same
+    /// history, SLOs, clock and budget give the same bytes.
+    pub fn snapshot_within(&self, slos: &[SloConfig], now_ms: u64, budget: usize) -> Result<Snapshot> {
+        let marks = self.watermarks();
+        let mut stored = self.stored();
+        let mut bytes = encode(&stored)?;
+        if bytes.len() <= budget {
+            return Ok(Snapshot { bytes, marks, trimmed: None });
+        }
+        let mut trimmed = Trimmed { full_bytes: bytes.len(), ..Trimmed::default() };
+        trimmed.expired_buckets = stored.drop_expired(slos, now_ms);
+        bytes = encode(&stored)?;
+        if bytes.len() > budget {
+            let remembering: Vec<usize> = stored
+                .least_recently_heard()
+                .into_iter()
+                .filter(|&i| !stored.processes[i].seen.is_empty())
+                .collect();
+            (trimmed.seen_processes, bytes) = shed(&mut stored, budget, bytes, remembering.len(), |s, k| {
+                remembering[..k].iter().for_each(|&i| s.processes[i].seen.clear())
+            })?;
+        }
+        for (hours, count) in [(true, &mut trimmed.hours), (false, &mut trimmed.minutes)] {
+            if bytes.len() > budget {
+                let indices = stored.bucket_indices(hours);
+                (*count, bytes) = shed(&mut stored, budget, bytes, indices.len(), |s, k| {
+                    s.drop_buckets_before(hours, indices.get(k).copied().unwrap_or(u64::MAX))
+                })?;
+            }
+        }
+        if bytes.len() > budget {
+            let order = stored.least_recently_heard();
+            (trimmed.processes, bytes) = shed(&mut stored, budget, bytes, order.len(), |s, k| {
+                let mut gone = vec![false; s.processes.len()];
+                order[..k].iter().for_each(|&i| gone[i] = true);
+                let mut i = 0;
+                s.processes.retain(|_| {
+                    i += 1;
+                    !gone[i - 1]
+                });
+            })?;
+        }
+        if bytes.len() > budget {
+            return Err(Error::HistoryTooLarge { bytes: bytes.len(), budget });
+        }
+        Ok(Snapshot { bytes, marks, trimmed: Some(trimmed) })
+    }
+
+    fn watermarks(&self) -> Watermarks {
+        Watermarks(self.instances.iter().map(|(p, i)| (p.clone(), i.merged_ms)).collect())
+    }
+
+    fn stored(&self) -> Stored {
+        Stored {
             version: FORMAT_VERSION,
             slos: self.series.iter().map(|(name, s)| (name.clone(), StoredSeries::from(s))).collect(),
             processes: self
@@ -205,13 +330,7 @@ impl SloHistory {
                         .collect(),
                 })
                 .collect(),
-        };
-        let json = serde_json::to_vec(&stored).expect("the history always serializes");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&json).map_err(Error::EncodeHistory)?;
-        let bytes = gz.finish().map_err(Error::EncodeHistory)?;
-        let marks = self.instances.iter().map(|(p, i)| (p.clone(), i.merged_ms)).collect();
-        Ok((bytes, Watermarks(marks)))
+        }
     }
 
     /// Records that a snapshot was saved: its acknowledgements now hold.
@@ -259,14 +378,139 @@ impl SloHistory {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+fn encode(stored: &Stored) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(stored).expect("the history always serializes");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&json).map_err(Error::EncodeHistory)?;
+    gz.finish().map_err(Error::EncodeHistory)
+}
+
+/// Leaves `k` units of one kind out of `stored` (`drop(stored, k)` leaves out the first `k`, the
+/// least valuable), for the smallest `k` found that brings the snapshot within `budget`, or all
+/// `n` when even that is not enough. `bytes` is the snapshot with none left out, over the
+/// budget. Returns `k` and the snapshot.
+///
+/// Each try encodes the whole history, so `k` is found by interpolating between the largest `k`
+/// known to be over the budget and the smallest known to fit, aiming a little under the budget
+/// so that the first guess mostly fits; a guess that does not fit halves the range at least.
+fn shed(
+    stored: &mut Stored,
+    budget: usize,
+    bytes: Vec<u8>,
+    n: usize,
+    drop: impl Fn(&mut Stored, usize),
+) -> Result<(usize, Vec<u8>)> {
+    let without = |stored: &Stored, k: usize| -> Result<(Stored, Vec<u8>)> {
+        let mut s = stored.clone();
+        drop(&mut s, k);
+        let bytes = encode(&s)?;
+        Ok((s, bytes))
+    };
+    if n == 0 {
+        return Ok((0, bytes));
+    }
+    let (mut fit, mut fit_bytes) = without(stored, n)?;
+    let (mut over, mut over_size, mut hi) = (0, bytes.len(), n);
+    if fit_bytes.len() <= budget {
+        let target = budget - budget / 64;
+        let mut missed = false;
+        loop {
+            let span = hi - over;
+            let fall = (over_size - fit_bytes.len()) as u128;
+            let guess = over + (span as u128 * (over_size - target) as u128).div_ceil(fall) as usize;
+            let guess = if missed { guess.max(over + span.div_ceil(2)) } else { guess };
+            let k = guess.clamp(over + 1, hi);
+            if k == hi {
+                break;
+            }
+            let (s, b) = without(stored, k)?;
+            if b.len() <= budget {
+                (fit, fit_bytes, hi) = (s, b, k);
+                break;
+            }
+            (over, over_size, missed) = (k, b.len(), true);
+        }
+    }
+    *stored = fit;
+    Ok((hi, fit_bytes))
+}
+
+/// Leaves out the rows (`[index step, good, total]`) before index `first`; returns how many.
+fn drop_rows_before(rows: &mut Vec<[u64; 3]>, first: u64) -> usize {
+    let mut index = 0;
+    let cut = rows
+        .iter()
+        .take_while(|[step, ..]| {
+            let at = index + step;
+            let before = at < first;
+            if before {
+                index = at;
+            }
+            before
+        })
+        .count();
+    rows.drain(..cut);
+    if let Some(row) = rows.first_mut() {
+        row[0] += index;
+    }
+    cut
+}
+
+/// The indices of the rows.
+fn row_indices(rows: &[[u64; 3]]) -> impl Iterator<Item = u64> + '_ {
+    rows.iter().scan(0, |index, [step, ..]| {
+        *index += step;
+        Some(*index)
+    })
+}
+
+#[derive(Serialize, Deserialize, Clone)]
 struct Stored {
     version: u32,
     slos: BTreeMap<String, StoredSeries>,
     processes: Vec<StoredProcess>,
 }
 
-#[derive(Serialize, Deserialize)]
+impl Stored {
+    /// Leaves out the buckets that no figure reads at `now_ms` or later; returns how many.
+    fn drop_expired(&mut self, slos: &[SloConfig], now_ms: u64) -> usize {
+        let first_minute = (now_ms / MINUTE_MS + 1).saturating_sub(MINUTES_READ);
+        let mut dropped = 0;
+        for (name, series) in &mut self.slos {
+            let window = slos.iter().find(|s| s.name == *name).map_or(0, |s| s.window_ms);
+            let hours = window.max(MINUTES_READ * MINUTE_MS).div_ceil(HOUR_MS);
+            let first_hour = (now_ms / HOUR_MS + 1).saturating_sub(hours);
+            dropped += drop_rows_before(&mut series.minutes, first_minute);
+            dropped += drop_rows_before(&mut series.hours, first_hour);
+        }
+        dropped
+    }
+
+    /// The positions of the processes, the one heard from least recently first.
+    fn least_recently_heard(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.processes.len()).collect();
+        order.sort_by_key(|&i| {
+            let p = &self.processes[i];
+            (p.last_report_ms, p.started_at_ms, &p.pod)
+        });
+        order
+    }
+
+    /// Every hour (or minute) index with a bucket in some SLO, oldest first.
+    fn bucket_indices(&self, hours: bool) -> Vec<u64> {
+        let indices: std::collections::BTreeSet<u64> =
+            self.slos.values().flat_map(|s| row_indices(if hours { &s.hours } else { &s.minutes })).collect();
+        indices.into_iter().collect()
+    }
+
+    fn drop_buckets_before(&mut self, hours: bool, first: u64) {
+        for s in self.slos.values_mut() {
+            drop_rows_before(if hours { &mut s.hours } else { &mut s.minutes }, first);
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone)]
 #[serde(rename_all = "camelCase")]
 struct StoredProcess {
     pod: String,
@@ -279,7 +523,7 @@ struct StoredProcess {
 
 /// A series as rows of `[index step, good, total]`, the index (minute or hour since the epoch)
 /// written as the step from the previous row: consecutive buckets cost a `1`.
-#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 struct StoredSeries {
     minutes: Vec<[u64; 3]>,
     hours: Vec<[u64; 3]>,
@@ -324,6 +568,71 @@ impl StoredSeries {
         serde_json::from_value(json!({"minutes": map(self.minutes), "hours": map(self.hours)}))
             .map_err(|e| Error::DecodeHistory(format!("a series: {e}")))
     }
+}
+
+/// Deterministic noise, for traffic that does not compress away.
+#[cfg(test)]
+struct Noise(u64);
+
+#[cfg(test)]
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    /// `mean` ± 10%.
+    fn around(&mut self, mean: u64) -> u64 {
+        mean - mean / 10 + self.next() % (mean / 5 + 1)
+    }
+}
+
+/// For tests, a history at `now_ms` (on an hour boundary) after 90 days of traffic: for each of
+/// `slos` a bucket for every minute and every hour a series keeps (73 hours of minutes, 90 days
+/// of hours), with about `per_minute` requests a minute of which up to `bad` failed; and `pods`
+/// sidecar processes heard from in the last 10 minutes, each remembering the last 11 minutes of
+/// every SLO, as a snapshot saves them.
+#[cfg(test)]
+pub(crate) fn pathological(
+    slos: &[SloConfig],
+    per_minute: u64,
+    bad: u64,
+    pods: usize,
+    now_ms: u64,
+) -> SloHistory {
+    let mut noise = Noise(42);
+    let (now_minute, now_hour) = (now_ms / MINUTE_MS, now_ms / HOUR_MS);
+    let mut h = SloHistory::default();
+    for c in slos {
+        let mut rows = |first: u64, last: u64, per_row: u64| -> Vec<[u64; 3]> {
+            (first..=last)
+                .map(|i| {
+                    let total = noise.around(per_row);
+                    let bad = noise.next() % (bad * per_row / per_minute + 1);
+                    [if i == first { i } else { 1 }, total - bad, total]
+                })
+                .collect()
+        };
+        let minutes = rows(now_minute - (72 * 60 + 60), now_minute, per_minute);
+        let hours = rows(now_hour - (90 * 24 + 1), now_hour, 60 * per_minute);
+        h.series.insert(c.name.clone(), StoredSeries { minutes, hours }.into_series().unwrap());
+    }
+    for _ in 0..pods {
+        let mut seen = BTreeMap::new();
+        for c in slos {
+            for m in 0..11 {
+                let total = noise.around(per_minute / pods as u64 + 10);
+                let good = total - noise.next() % 3;
+                seen.insert((c.name.clone(), now_ms - m * MINUTE_MS), Counts { good, total });
+            }
+        }
+        let pod = format!("products-7d9f8b6c5-{:05x}", noise.next() % 0x100000);
+        let started_at_ms = now_ms - noise.next() % (72 * HOUR_MS);
+        let last_report_ms = now_ms - noise.next() % (10 * MINUTE_MS);
+        let instance = Instance { seen, merged_ms: now_ms, acked_ms: now_ms - 15_000, last_report_ms };
+        h.instances.insert(Process { pod, started_at_ms }, instance);
+    }
+    h
 }
 
 #[cfg(test)]
@@ -582,5 +891,173 @@ mod tests {
         }
         let seen = h.instances.values().map(|i| i.seen.len()).sum::<usize>();
         assert!(seen <= 62, "{seen} buckets remembered");
+    }
+
+    fn configs(n: usize, window_days: u64) -> Vec<SloConfig> {
+        (0..n)
+            .map(|i| SloConfig {
+                name: format!("slo-{i:02}"),
+                window_ms: window_days * 24 * HOUR_MS,
+                ..slo()
+            })
+            .collect()
+    }
+
+    /// The exact counts every figure of `slos` is made of at `now`: each burn-rate window's and
+    /// the SLO's window's (statuses round them).
+    fn counts_read(h: &SloHistory, slos: &[SloConfig], now: u64) -> Vec<Counts> {
+        let empty = SloSeries::default();
+        slos.iter()
+            .flat_map(|s| {
+                let series = h.series.get(&s.name).unwrap_or(&empty);
+                BURN_WINDOWS.iter().map(|(_, w)| *w).chain([s.window_ms]).map(move |w| series.counts(now, w))
+            })
+            .collect()
+    }
+
+    fn kib(bytes: usize) -> String {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+
+    const MAX: usize = crate::render::HISTORY_MAX_BYTES;
+
+    /// 10 SLOs of 100,000 requests a minute and 2,500 pods: over a ConfigMap whole. Saved
+    /// without what no figure reads and without the remembered counts of the processes heard
+    /// from least recently, it fits, and gives every figure it gave, now and later.
+    #[test]
+    fn a_pathological_history_fits_its_config_map_with_the_same_figures() {
+        let slos = configs(10, 30);
+        let h = pathological(&slos, 100_000, 50, 2_500, T0);
+        let full = h.snapshot().unwrap().0.len();
+        let snap = h.snapshot_within(&slos, T0, MAX).unwrap();
+        let t = snap.trimmed.clone().expect("trimmed");
+        println!("10 SLOs, 2,500 pods: {} whole, {} saved: {t:?}", kib(full), kib(snap.bytes.len()));
+        assert!(full > 1024 * 1024, "pathological: {} whole", kib(full));
+        assert_eq!(t.full_bytes, full);
+        assert!(snap.bytes.len() <= MAX, "{} saved", kib(snap.bytes.len()));
+        assert_eq!(t.reasons(), ["expired", "seen"], "{t:?}");
+        assert!(!t.changes_figures());
+        // In every SLO, the hours before its 30-day window (which ends with the current hour) and
+        // the minutes before the 3-day burn-rate window.
+        assert_eq!(t.expired_buckets, 10 * ((90 * 24 + 2 - 30 * 24) + 61), "{t:?}");
+
+        let back = SloHistory::restore(&snap.bytes).unwrap();
+        for later in [0, MINUTE_MS, HOUR_MS, 24 * HOUR_MS, 29 * 24 * HOUR_MS] {
+            assert_eq!(back.statuses(&slos, T0 + later), h.statuses(&slos, T0 + later), "{later} ms later");
+            let same = counts_read(&back, &slos, T0 + later) == counts_read(&h, &slos, T0 + later);
+            assert!(same, "the counts {later} ms later differ");
+        }
+        // Every process stays, with its acknowledgement; the remembered counts left out are those
+        // of the processes heard from least recently.
+        assert_eq!(back.processes(), 2_500);
+        let mut by_last_report: Vec<&Instance> = back.instances.values().collect();
+        by_last_report.sort_by_key(|i| i.last_report_ms);
+        let forgotten = by_last_report.iter().take_while(|i| i.seen.is_empty()).count();
+        assert_eq!(forgotten, t.seen_processes);
+        assert!(by_last_report[forgotten..].iter().all(|i| i.seen.len() == 10 * 11 && i.acked_ms == T0));
+        assert!(t.seen_processes < 2_500, "only as many as needed: {t:?}");
+        // The same history gives the same bytes.
+        assert_eq!(h.snapshot_within(&slos, T0, MAX).unwrap().bytes, snap.bytes);
+    }
+
+    /// 32 SLOs (the most a policy may have) with 90-day windows and 100,000 requests a minute do
+    /// not fit a ConfigMap even without a single process: the oldest hours go, in every SLO at
+    /// once, and only they: burn rates and states stay, the 90-day budgets cover less.
+    #[test]
+    fn series_too_long_to_fit_lose_their_oldest_hours_and_say_so() {
+        let slos = configs(32, 90);
+        let h = pathological(&slos, 100_000, 50, 0, T0);
+        let snap = h.snapshot_within(&slos, T0, MAX).unwrap();
+        let t = snap.trimmed.clone().expect("trimmed");
+        println!("32 SLOs, 90 days: {} whole, {} saved: {t:?}", kib(t.full_bytes), kib(snap.bytes.len()));
+        assert!(snap.bytes.len() <= MAX, "{} saved", kib(snap.bytes.len()));
+        assert_eq!(t.reasons(), ["expired", "hours"], "{t:?}");
+        assert!(t.changes_figures());
+
+        let back = SloHistory::restore(&snap.bytes).unwrap();
+        let first_hours: Vec<u64> =
+            back.series.values().map(|s| row_indices(&StoredSeries::from(s).hours).next().unwrap()).collect();
+        let first_in_window = T0 / HOUR_MS + 1 - 90 * 24;
+        assert!(first_hours.iter().all(|i| *i == first_in_window + t.hours as u64), "{first_hours:?}");
+        let (restored, whole) = (back.statuses(&slos, T0), h.statuses(&slos, T0));
+        for (r, w) in restored.iter().zip(&whole) {
+            assert_eq!((&r.burn_rates, r.state), (&w.burn_rates, w.state));
+            assert!(r.total_requests < w.total_requests);
+        }
+        // What is left is whole: a week's counts are all there, and every burn-rate window's.
+        assert!(counts_read(&back, &configs(32, 7), T0) == counts_read(&h, &configs(32, 7), T0));
+    }
+
+    /// However small the budget, a snapshot fits it while anything is left to leave out: the
+    /// newest minutes and the processes heard from most recently stay longest.
+    #[test]
+    fn the_last_resorts_keep_a_snapshot_within_any_budget() {
+        let slos = configs(2, 30);
+        let h = pathological(&slos, 1_000, 5, 30, T0);
+        let snap = h.snapshot_within(&slos, T0, 600).unwrap();
+        let t = snap.trimmed.clone().expect("trimmed");
+        assert!(snap.bytes.len() <= 600, "{} bytes", snap.bytes.len());
+        assert_eq!(t.reasons(), ["expired", "seen", "hours", "minutes", "processes"], "{t:?}");
+        let back = SloHistory::restore(&snap.bytes).unwrap();
+        assert!(back.series.values().all(|s| s.is_empty()), "every minute went before any process");
+        let mut kept: Vec<&Process> = back.instances.keys().collect();
+        let mut newest: Vec<(&Process, &Instance)> = h.instances.iter().collect();
+        newest.sort_by_key(|(p, i)| std::cmp::Reverse((i.last_report_ms, p.started_at_ms, p.pod.clone())));
+        let mut expected: Vec<&Process> = newest.iter().take(30 - t.processes).map(|(p, _)| *p).collect();
+        kept.sort();
+        expected.sort();
+        assert_eq!(kept, expected);
+
+        // Minutes go oldest first: with room for some, the newest stay and the 5m figures with them.
+        let snap = h.snapshot_within(&slos, T0, 20 * 1024).unwrap();
+        let t = snap.trimmed.clone().expect("trimmed");
+        assert_eq!(t.reasons(), ["expired", "seen", "hours", "minutes"], "{t:?}");
+        let back = SloHistory::restore(&snap.bytes).unwrap();
+        let (restored, whole) = (back.statuses(&slos, T0), h.statuses(&slos, T0));
+        for (r, w) in restored.iter().zip(&whole) {
+            assert_eq!(r.burn_rates["5m"], w.burn_rates["5m"]);
+            assert!(r.total_requests < w.total_requests);
+        }
+
+        assert!(matches!(
+            h.snapshot_within(&slos, T0, 10),
+            Err(Error::HistoryTooLarge { budget: 10, bytes }) if bytes > 10
+        ));
+    }
+
+    #[test]
+    fn a_history_that_fits_is_saved_byte_for_byte() {
+        let mut h = SloHistory::default();
+        for m in (0..3 * 24 * 60).step_by(60) {
+            let buckets: Vec<(u64, u64, u64)> =
+                (m..m + 60).map(|i| (at(i), 1000 + i % 7, 1001 + i % 7)).collect();
+            for pod in ["a", "b"] {
+                h.merge(&report(pod, T0, at(m + 60), &buckets), NAMES, at(m + 60)).unwrap();
+            }
+        }
+        let now = at(3 * 24 * 60 + 30);
+        let (whole, marks) = h.snapshot().unwrap();
+        let snap = h.snapshot_within(&[slo()], now, MAX).unwrap();
+        assert_eq!((&snap.bytes, &snap.marks, &snap.trimmed), (&whole, &marks, &None));
+        assert!(h.snapshot_within(&[slo()], now, whole.len()).unwrap().trimmed.is_none());
+        // A byte less, and what no figure reads goes first: the minutes over three days old.
+        let snap = h.snapshot_within(&[slo()], now, whole.len() - 1).unwrap();
+        let t = snap.trimmed.expect("trimmed");
+        assert_eq!(t.expired_buckets, 31, "{t:?}");
+        assert!(!t.changes_figures(), "{t:?}");
+        let back = SloHistory::restore(&snap.bytes).unwrap();
+        assert_eq!(back.statuses(&[slo()], now), h.statuses(&[slo()], now));
+        assert!(counts_read(&back, &[slo()], now) == counts_read(&h, &[slo()], now));
+    }
+
+    #[test]
+    fn rows_are_left_out_oldest_first() {
+        let mut rows = vec![[5, 1, 1], [1, 2, 2], [3, 3, 3]];
+        assert_eq!(drop_rows_before(&mut rows, 5), 0);
+        assert_eq!(drop_rows_before(&mut rows, 7), 2);
+        assert_eq!(rows, [[9, 3, 3]]);
+        assert_eq!(row_indices(&rows).collect::<Vec<_>>(), [9]);
+        assert_eq!(drop_rows_before(&mut rows, u64::MAX), 1);
+        assert!(rows.is_empty());
     }
 }
