@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::{
     error::Result,
     hub::PolicyKey,
-    slo_merge::{Merged, SloHistory, Watermarks},
+    slo_merge::{Merged, SloHistory, Snapshot, Watermarks},
 };
 
 /// The status figures of a policy are recomputed (and its history saved) at most this often.
@@ -89,25 +89,35 @@ impl Budgets {
         })
     }
 
-    /// A snapshot to save when there is something new and the last save is older than the
-    /// interval. Drops the bookkeeping of processes that will not report again first.
+    /// A snapshot to save, of at most `max_bytes`, when there is something new and the last
+    /// save is older than the interval. Drops the bookkeeping of processes that will not report
+    /// again first. The snapshot is made outside the lock: trimming a large history to fit
+    /// takes a few encodings, and reports keep being merged meanwhile.
     pub fn snapshot_if_due(
         &self,
         key: &PolicyKey,
-        slos: &[&str],
+        slos: &[SloConfig],
         now_ms: u64,
         pod_is_live: &dyn Fn(&str) -> bool,
-    ) -> Result<Option<(Vec<u8>, Watermarks)>> {
-        let mut map = self.entries.lock().expect("budgets lock");
-        let Some(e) = map.get_mut(key) else { return Ok(None) };
-        if !e.dirty || now_ms.saturating_sub(e.saved_at_ms) < INTERVAL_MS {
-            return Ok(None);
+        max_bytes: usize,
+    ) -> Result<Option<Snapshot>> {
+        let history = {
+            let mut map = self.entries.lock().expect("budgets lock");
+            let Some(e) = map.get_mut(key) else { return Ok(None) };
+            if !e.dirty || now_ms.saturating_sub(e.saved_at_ms) < INTERVAL_MS {
+                return Ok(None);
+            }
+            e.history.forget_processes(pod_is_live, now_ms);
+            let names: Vec<&str> = slos.iter().map(|s| s.name.as_str()).collect();
+            e.history.retain_slos(&names);
+            e.dirty = false;
+            e.history.clone()
+        };
+        let snapshot = history.snapshot_within(slos, now_ms, max_bytes);
+        if snapshot.is_err() {
+            self.save_failed(key);
         }
-        e.history.forget_processes(pod_is_live, now_ms);
-        e.history.retain_slos(slos);
-        let snapshot = e.history.snapshot()?;
-        e.dirty = false;
-        Ok(Some(snapshot))
+        snapshot.map(Some)
     }
 
     /// The snapshot was saved: its acknowledgements hold from now on.
@@ -160,6 +170,7 @@ mod tests {
     use super::*;
 
     const T0: u64 = 1_800_000_000_000;
+    const MAX: usize = crate::render::HISTORY_MAX_BYTES;
 
     fn slos() -> Vec<SloConfig> {
         vec![SloConfig {
@@ -209,24 +220,19 @@ mod tests {
             50.0
         );
 
-        let (_, marks) =
-            b.snapshot_if_due(&key, &["availability"], T0 + 15_000, &live).unwrap().expect("due");
-        assert!(
-            b.snapshot_if_due(&key, &["availability"], T0 + 15_000, &live).unwrap().is_none(),
-            "nothing new"
-        );
+        let Snapshot { marks, trimmed, .. } =
+            b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().expect("due");
+        assert_eq!(trimmed, None, "a small history is saved whole");
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().is_none(), "nothing new");
         b.saved(&key, marks, T0 + 15_000);
         let acked = b
             .merge(&key, &["availability"], &report(T0 + 16_000, 10, 11), T0 + 16_000, || unreachable!())
             .unwrap();
         assert_eq!(acked.ack.ack_ms, T0 + 1_000);
-        assert!(
-            b.snapshot_if_due(&key, &["availability"], T0 + 20_000, &live).unwrap().is_none(),
-            "too soon"
-        );
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).unwrap().is_none(), "too soon");
         assert_eq!(b.unsaved(), vec![key.clone()]);
         b.make_due(&key);
-        assert!(b.snapshot_if_due(&key, &["availability"], T0 + 20_000, &live).unwrap().is_some());
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).unwrap().is_some());
         b.save_failed(&key);
         assert_eq!(b.unsaved(), vec![key.clone()]);
         b.clear();
@@ -236,5 +242,18 @@ mod tests {
             SloHistory::default()
         });
         assert!(loaded, "cleared entries reload the saved history");
+    }
+
+    #[test]
+    fn a_history_that_cannot_fit_is_not_saved_and_stays_due() {
+        let b = Budgets::default();
+        let key: PolicyKey = ("shop".into(), "products".into());
+        let live = |_: &str| true;
+        b.merge(&key, &["availability"], &report(T0 + 1_000, 9, 10), T0 + 1_000, SloHistory::default)
+            .unwrap();
+        let tiny = b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, 10);
+        assert!(matches!(tiny, Err(crate::error::Error::HistoryTooLarge { budget: 10, .. })), "{tiny:?}");
+        assert_eq!(b.unsaved(), vec![key.clone()], "tried again at the next chance");
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().is_some());
     }
 }

@@ -29,6 +29,7 @@ use crate::{
     error::{Error, Result},
     hub::PolicyKey,
     render::{self, MANAGER},
+    slo_merge::Snapshot,
     status::{self, Observed, POLICY_ANNOTATION, Verdict},
 };
 
@@ -215,11 +216,14 @@ async fn save_history(
     now_ms: u64,
 ) -> Result<()> {
     let key = key_of(policy);
-    let names: Vec<&str> = slos.iter().map(|s| s.name.as_str()).collect();
     let live = |pod: &str| ctx.pod(namespace, pod).is_some_and(|p| conflict::is_live(&p));
-    let Some((bytes, marks)) = ctx.budgets.snapshot_if_due(&key, &names, now_ms, &live)? else {
+    let max_bytes = render::HISTORY_MAX_BYTES;
+    let Some(Snapshot { bytes, marks, trimmed }) =
+        ctx.budgets.snapshot_if_due(&key, slos, now_ms, &live, max_bytes)?
+    else {
         return Ok(());
     };
+    let saved_bytes = bytes.len();
     let desired = render::slo_config_map(policy, bytes);
     let name = desired.metadata.name.clone().expect("rendered with a name");
     let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
@@ -229,6 +233,29 @@ async fn save_history(
         Ok(_) => {
             ctx.budgets.saved(&key, marks, now_ms);
             ctx.metrics.writes.with_label_values(&["slo_history"]).inc();
+            if let Some(t) = trimmed {
+                for reason in t.reasons() {
+                    ctx.metrics.slo_history_trimmed.with_label_values(&[reason]).inc();
+                }
+                let what = if t.changes_figures() {
+                    "the SLO history is too large for its ConfigMap: its oldest part was left out of the save, \
+                     so after a restart of the operator the figures cover less"
+                } else {
+                    "the SLO history is too large for its ConfigMap: data no figure reads was left out of the save"
+                };
+                tracing::warn!(
+                    policy = %format!("{}/{}", key.0, key.1),
+                    full_bytes = t.full_bytes,
+                    saved_bytes,
+                    max_bytes,
+                    expired_buckets = t.expired_buckets,
+                    seen_processes = t.seen_processes,
+                    hours = t.hours,
+                    minutes = t.minutes,
+                    processes = t.processes,
+                    "{what}"
+                );
+            }
             Ok(())
         }
         Err(source) => {
@@ -415,6 +442,34 @@ mod tests {
         let next = crate::fixtures::report("products-1", now + 1, 990, 1000);
         let merged = ctx.budgets.merge(&key, &["availability"], &next, now + 1, || unreachable!()).unwrap();
         assert_eq!(merged.ack.ack_ms, now);
+    }
+
+    /// Tens of thousands of sidecar processes make a history too large for a ConfigMap whole:
+    /// it is saved within the limit, and the trimming counted.
+    #[tokio::test]
+    async fn a_history_too_large_for_a_config_map_is_saved_trimmed_and_counted() {
+        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
+        let (ctx, verifier) = Context::test(Seed {
+            policies: vec![policy.clone()],
+            config_maps: vec![config_map],
+            ..Seed::default()
+        });
+        let key = key_of(&policy);
+        let now = ctx.now_ms();
+        let slos = apipolicy_api::compile(&policy).unwrap().spec.slos;
+        let huge = crate::slo_merge::pathological(&slos, 100_000, 50, 30_000, now);
+        assert!(huge.snapshot().unwrap().0.len() > render::HISTORY_MAX_BYTES);
+        let processes = huge.processes() + 1;
+        let report = crate::fixtures::report("products-1", now, 990, 1000);
+        ctx.budgets.merge(&key, &["availability"], &report, now, || huge).unwrap();
+        let mocks = verifier.run(Scenario::SloHistoryTrimmed(policy.clone(), processes));
+        reconcile(Arc::new(policy), ctx.clone()).await.unwrap();
+        timeout_after_1s(mocks).await;
+        let trimmed = |reason: &str| ctx.metrics.slo_history_trimmed.with_label_values(&[reason]).get();
+        assert_eq!([trimmed("expired"), trimmed("seen"), trimmed("hours")], [1, 1, 0]);
+        assert!(
+            ctx.metrics.render().contains(r#"apipolicy_operator_slo_history_trimmed_total{reason="seen"} 1"#)
+        );
     }
 
     #[tokio::test]

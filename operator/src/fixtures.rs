@@ -187,6 +187,9 @@ pub enum Scenario {
     StatusConflict(ApiPolicy),
     /// Merged SLO reports: the history ConfigMap, then the status with the figures.
     SloFigures(ApiPolicy),
+    /// A history too large for a ConfigMap whole: saved trimmed, with this many processes, then
+    /// the status.
+    SloHistoryTrimmed(ApiPolicy, usize),
     /// The PrometheusRule.
     PrometheusRule(ApiPolicy),
     /// TokenReviews, answered in order: (expected token, answer).
@@ -286,8 +289,11 @@ impl ApiServerVerifier {
                     let rev = apipolicy_api::compile(&p).unwrap().revision;
                     self.config_map(&p, &rev).await.status_conflict(&p).await
                 }
+                Scenario::SloHistoryTrimmed(p, processes) => {
+                    self.slo_history(&p, processes).await.status(&p, |s| assert_eq!(s.slos.len(), 1)).await
+                }
                 Scenario::SloFigures(p) => {
-                    self.slo_history(&p)
+                    self.slo_history(&p, 1)
                         .await
                         .status(&p, |s| {
                             let slo = &s.slos[0];
@@ -384,17 +390,24 @@ impl ApiServerVerifier {
         self
     }
 
-    async fn slo_history(mut self, p: &ApiPolicy) -> Self {
+    /// The history ConfigMap, which the API server and etcd take, with this many processes.
+    async fn slo_history(mut self, p: &ApiPolicy, processes: usize) -> Self {
         let (request, send) = self.next().await;
         Self::assert_apply(
             &request,
             &format!("/api/v1/namespaces/shop/configmaps/apipolicy-{}-slo", p.name_any()),
         );
-        let body = Self::body(request).await;
+        let raw = request.into_body().collect_bytes().await.expect("a request body");
+        // etcd takes values of up to 1.5 MiB; binaryData travels as base64.
+        assert!(raw.len() < 1536 * 1024, "{} bytes on the wire", raw.len());
+        let body: Value = serde_json::from_slice(&raw).expect("a JSON body");
         let cm: ConfigMap = serde_json::from_value(body.clone()).unwrap();
         let bytes = &cm.binary_data.as_ref().unwrap()[render::HISTORY_KEY].0;
+        // The API server's limit counts the decoded bytes of data and binaryData.
+        assert!(bytes.len() <= render::HISTORY_MAX_BYTES, "{} bytes of history", bytes.len());
+        assert!(cm.data.is_none());
         let history = crate::slo_merge::SloHistory::restore(bytes).expect("a readable history");
-        assert_eq!(history.processes(), 1);
+        assert_eq!(history.processes(), processes);
         send.send_response(ok(serde_json::to_vec(&body).unwrap()));
         self
     }

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub admissions: IntCounterVec,
     /// When the served certificate expires (Unix seconds).
     pub certificate_expiry: IntGauge,
+    /// Saves of an SLO history that left something out to fit the ConfigMap, by what.
+    pub slo_history_trimmed: IntCounterVec,
 }
 
 impl Metrics {
@@ -74,6 +76,14 @@ impl Metrics {
             "apipolicy_operator_certificate_expiry_timestamp_seconds",
             "When the certificate the webhook and the agent API serve expires",
         )?;
+        let slo_history_trimmed = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_operator_slo_history_trimmed_total",
+                "Saves of an SLO history that left something out to fit its ConfigMap, by what was left out",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(slo_history_trimmed.clone()))?;
         registry.register(Box::new(admissions.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
@@ -96,6 +106,7 @@ impl Metrics {
             writes,
             admissions,
             certificate_expiry,
+            slo_history_trimmed,
         })
     }
 
