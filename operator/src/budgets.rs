@@ -91,14 +91,15 @@ impl Budgets {
 
     /// A snapshot to save, of at most `max_bytes`, when there is something new and the last
     /// save is older than the interval. Drops the bookkeeping of processes that will not report
-    /// again first. The snapshot is made outside the lock: trimming a large history to fit
-    /// takes a few encodings, and reports keep being merged meanwhile.
-    pub fn snapshot_if_due(
+    /// again first. The snapshot is made outside the lock and off the async threads: encoding
+    /// takes milliseconds, trimming a large history to fit a few encodings, and reports keep
+    /// being merged and other policies reconciled meanwhile.
+    pub async fn snapshot_if_due(
         &self,
         key: &PolicyKey,
         slos: &[SloConfig],
         now_ms: u64,
-        pod_is_live: &dyn Fn(&str) -> bool,
+        pod_is_live: &(dyn Fn(&str) -> bool + Sync),
         max_bytes: usize,
     ) -> Result<Option<Snapshot>> {
         let history = {
@@ -113,7 +114,10 @@ impl Budgets {
             e.dirty = false;
             e.history.clone()
         };
-        let snapshot = history.snapshot_within(slos, now_ms, max_bytes);
+        let slos = slos.to_vec();
+        let snapshot = tokio::task::spawn_blocking(move || history.snapshot_within(&slos, now_ms, max_bytes))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         if snapshot.is_err() {
             self.save_failed(key);
         }
@@ -195,8 +199,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn figures_refresh_at_most_every_interval_and_saves_follow_new_reports() {
+    #[tokio::test]
+    async fn figures_refresh_at_most_every_interval_and_saves_follow_new_reports() {
         let b = Budgets::default();
         let key: PolicyKey = ("shop".into(), "products".into());
         let live = |_: &str| true;
@@ -221,18 +225,24 @@ mod tests {
         );
 
         let Snapshot { marks, trimmed, .. } =
-            b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().expect("due");
+            b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).await.unwrap().expect("due");
         assert_eq!(trimmed, None, "a small history is saved whole");
-        assert!(b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().is_none(), "nothing new");
+        assert!(
+            b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).await.unwrap().is_none(),
+            "nothing new"
+        );
         b.saved(&key, marks, T0 + 15_000);
         let acked = b
             .merge(&key, &["availability"], &report(T0 + 16_000, 10, 11), T0 + 16_000, || unreachable!())
             .unwrap();
         assert_eq!(acked.ack.ack_ms, T0 + 1_000);
-        assert!(b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).unwrap().is_none(), "too soon");
+        assert!(
+            b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).await.unwrap().is_none(),
+            "too soon"
+        );
         assert_eq!(b.unsaved(), vec![key.clone()]);
         b.make_due(&key);
-        assert!(b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).unwrap().is_some());
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 20_000, &live, MAX).await.unwrap().is_some());
         b.save_failed(&key);
         assert_eq!(b.unsaved(), vec![key.clone()]);
         b.clear();
@@ -244,16 +254,16 @@ mod tests {
         assert!(loaded, "cleared entries reload the saved history");
     }
 
-    #[test]
-    fn a_history_that_cannot_fit_is_not_saved_and_stays_due() {
+    #[tokio::test]
+    async fn a_history_that_cannot_fit_is_not_saved_and_stays_due() {
         let b = Budgets::default();
         let key: PolicyKey = ("shop".into(), "products".into());
         let live = |_: &str| true;
         b.merge(&key, &["availability"], &report(T0 + 1_000, 9, 10), T0 + 1_000, SloHistory::default)
             .unwrap();
-        let tiny = b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, 10);
+        let tiny = b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, 10).await;
         assert!(matches!(tiny, Err(crate::error::Error::HistoryTooLarge { budget: 10, .. })), "{tiny:?}");
         assert_eq!(b.unsaved(), vec![key.clone()], "tried again at the next chance");
-        assert!(b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).unwrap().is_some());
+        assert!(b.snapshot_if_due(&key, &slos(), T0 + 15_000, &live, MAX).await.unwrap().is_some());
     }
 }

@@ -107,7 +107,8 @@ pub async fn reconcile(policy: Arc<ApiPolicy>, ctx: Arc<Context>) -> Result<Acti
     }
     let slos: &[SloConfig] = serving.as_ref().map(|c| c.spec.slos.as_slice()).unwrap_or_default();
     let figures = ctx.budgets.statuses(&key, slos, now_ms, || ctx.load_history(&policy));
-    save_history(&ctx, &policy, &namespace, slos, now_ms).await?;
+    // A failed save is retried at the next reconcile; the status is written either way.
+    let saved = save_history(&ctx, &policy, &namespace, slos, now_ms).await;
 
     let desired = status::desired(Observed {
         policy: &policy,
@@ -152,6 +153,7 @@ pub async fn reconcile(policy: Arc<ApiPolicy>, ctx: Arc<Context>) -> Result<Acti
             }
         }
     }
+    saved?;
     Ok(Action::requeue(requeue))
 }
 
@@ -219,7 +221,7 @@ async fn save_history(
     let live = |pod: &str| ctx.pod(namespace, pod).is_some_and(|p| conflict::is_live(&p));
     let max_bytes = render::HISTORY_MAX_BYTES;
     let Some(Snapshot { bytes, marks, trimmed }) =
-        ctx.budgets.snapshot_if_due(&key, slos, now_ms, &live, max_bytes)?
+        ctx.budgets.snapshot_if_due(&key, slos, now_ms, &live, max_bytes).await?
     else {
         return Ok(());
     };
@@ -442,6 +444,27 @@ mod tests {
         let next = crate::fixtures::report("products-1", now + 1, 990, 1000);
         let merged = ctx.budgets.merge(&key, &["availability"], &next, now + 1, || unreachable!()).unwrap();
         assert_eq!(merged.ack.ack_ms, now);
+    }
+
+    /// A history the API server refuses to save does not hold the status back; the save is
+    /// retried at the next reconcile, and the error counted.
+    #[tokio::test]
+    async fn a_refused_history_save_still_writes_the_status_and_is_retried() {
+        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
+        let (ctx, verifier) = Context::test(Seed {
+            policies: vec![policy.clone()],
+            config_maps: vec![config_map],
+            ..Seed::default()
+        });
+        let key = key_of(&policy);
+        let now = ctx.now_ms();
+        let report = crate::fixtures::report("products-1", now, 990, 1000);
+        ctx.budgets.merge(&key, &["availability"], &report, now, Default::default).unwrap();
+        let mocks = verifier.run(Scenario::SloHistoryRefused(policy.clone()));
+        let result = reconcile(Arc::new(policy), ctx.clone()).await;
+        assert!(matches!(result, Err(Error::ApplyConfigMap { .. })), "{result:?}");
+        timeout_after_1s(mocks).await;
+        assert_eq!(ctx.budgets.unsaved(), vec![key], "saved at the next chance");
     }
 
     /// Tens of thousands of sidecar processes make a history too large for a ConfigMap whole:

@@ -190,6 +190,8 @@ pub enum Scenario {
     /// A history too large for a ConfigMap whole: saved trimmed, with this many processes, then
     /// the status.
     SloHistoryTrimmed(ApiPolicy, usize),
+    /// The API server refuses the history ConfigMap; the status is written all the same.
+    SloHistoryRefused(ApiPolicy),
     /// The PrometheusRule.
     PrometheusRule(ApiPolicy),
     /// TokenReviews, answered in order: (expected token, answer).
@@ -291,6 +293,12 @@ impl ApiServerVerifier {
                 }
                 Scenario::SloHistoryTrimmed(p, processes) => {
                     self.slo_history(&p, processes).await.status(&p, |s| assert_eq!(s.slos.len(), 1)).await
+                }
+                Scenario::SloHistoryRefused(p) => {
+                    self.slo_history_refused(&p)
+                        .await
+                        .status(&p, |s| assert_eq!(s.slos[0].total_requests, 1000))
+                        .await
                 }
                 Scenario::SloFigures(p) => {
                     self.slo_history(&p, 1)
@@ -409,6 +417,25 @@ impl ApiServerVerifier {
         let history = crate::slo_merge::SloHistory::restore(bytes).expect("a readable history");
         assert_eq!(history.processes(), processes);
         send.send_response(ok(serde_json::to_vec(&body).unwrap()));
+        self
+    }
+
+    async fn slo_history_refused(mut self, p: &ApiPolicy) -> Self {
+        let (request, send) = self.next().await;
+        Self::assert_apply(
+            &request,
+            &format!("/api/v1/namespaces/shop/configmaps/apipolicy-{}-slo", p.name_any()),
+        );
+        let status = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500,
+            "message": "etcdserver: request timed out",
+        });
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                .unwrap(),
+        );
         self
     }
 
