@@ -345,21 +345,27 @@ targets, ratios = {}, {}
 RATE = int(env("BENCH_RATE", "0") or 0)
 if "baseline" in SCENARIOS:
     for t in TARGETS:
+        # Fixed-rate rounds: the first in target order, the second (if run) in reverse order.
+        rounds = [r for r in (t, f"{t}.2") if os.path.exists(f"{RAW}/oha-{r}.json")]
+        ohas = {r: parse_oha(f"{RAW}/oha-{r}.json") for r in rounds}
+        for o in ohas.values():
+            # Below the asked rate, requests queued behind the -c limit and the latency-corrected
+            # percentiles measure that queue, not the proxy: such latencies are not compared.
+            o["rate_held"] = o["achieved_rps"] is not None and o["achieved_rps"] >= 0.95 * RATE
+        # The round the machine disturbed less: other processes only ever add latency, so the
+        # better round is the closer one to what the target itself costs.
+        best = min(rounds, key=lambda r: (not ohas[r]["rate_held"], ohas[r]["p99_ms"] is None, ohas[r]["p99_ms"] or 0))
         targets[t] = {
             "label": LABEL[t],
             "url": env(f"BENCH_URL_{t.upper()}"),
             "wrk": parse_wrk(f"{RAW}/wrk-{t}.txt"),
-            "oha": parse_oha(f"{RAW}/oha-{t}.json"),
+            "oha": ohas[best],
+            "oha_round_p99_ms": [ohas[r]["p99_ms"] for r in rounds],
             "cpu": json.load(open(f"{RAW}/cpu-{t}.json")),
-            "cpu_oha": json.load(open(f"{RAW}/cpu-oha-{t}.json")),
+            "cpu_oha": json.load(open(f"{RAW}/cpu-oha-{best}.json")),
             "memory": json.load(open(f"{RAW}/mem-{t}.json")),
         }
     direct = targets["direct"]
-    for t in TARGETS:
-        o = targets[t]["oha"]
-        # Below the asked rate, requests queued behind the -c limit and the latency-corrected
-        # percentiles measure that queue, not the proxy: such latencies are not compared.
-        o["rate_held"] = o["achieved_rps"] is not None and o["achieved_rps"] >= 0.95 * RATE
     for t in TARGETS:
         d = targets[t]
         cpu = d["cpu"]["server_cpu_pct"]
@@ -460,14 +466,16 @@ if "baseline" in SCENARIOS:
         f"Max throughput: `wrk -t1 -c{env('BENCH_WRK_CONNS')} -d{env('BENCH_WRK_DURATION')}`, wrk's own latency percentiles "
         f"(closed loop, so they mostly reflect queueing at saturation). Fixed rate: oha at **{RATE:,} req/s** "
         f"({float(env('BENCH_RATE_FRACTION')):.0%} of nginx's max), {env('BENCH_OHA_DURATION')}, "
-        f"-c {env('BENCH_OHA_CONNS')}, latency-corrected. Server CPU = the server's CPU time during the wrk run "
+        f"-c {env('BENCH_OHA_CONNS')}, latency-corrected, in two rounds (the second in reverse target order); each "
+        "target's fixed-rate figures come from its round with the lower p99, since other processes only ever add "
+        "latency (both rounds' p99 in the last column). Server CPU = the server's CPU time during the wrk run "
         "(100% = one full core; for direct it is the upstream nginx, which shares core 1 with wrk). "
         "Memory: VmRSS idle before load; peak = VmHWM after all load; nginx = master + worker."
     )
     add("")
     add("| target | max req/s | wrk p50 | wrk p99 | server CPU | req/s per CPU-s "
-        "| fixed-rate req/s | p50 | p99 | added p50 | added p99 | idle RSS | peak RSS |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "| fixed-rate req/s | p50 | p99 | added p50 | added p99 | idle RSS | peak RSS | p99 by round |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for t in TARGETS:
         d = targets[t]
         w, o, c, m, a = d["wrk"], d["oha"], d["cpu"], d["memory"], d["added_ms"]
@@ -478,7 +486,8 @@ if "baseline" in SCENARIOS:
             f"| {f(c['server_cpu_pct'], 0)}% | {f(w['rps_per_cpu_second'], 0)} "
             f"| {f(o['achieved_rps'], 0)}{mark} | {f(o['p50_ms'], 3)} ms{mark} | {f(o['p99_ms'], 3)} ms{mark} "
             f"| {'—' if a['p50'] is None else f(a['p50'], 3) + ' ms'} | {'—' if a['p99'] is None else f(a['p99'], 3) + ' ms'} "
-            f"| {f(m['idle_rss_kb'] / 1024, 1)} MiB | {f(m['peak_rss_kb'] / 1024, 1)} MiB |"
+            f"| {f(m['idle_rss_kb'] / 1024, 1)} MiB | {f(m['peak_rss_kb'] / 1024, 1)} MiB "
+            f"| {', '.join(fms(p) for p in d['oha_round_p99_ms'])} |"
         )
     if not all(targets[t]["oha"]["rate_held"] for t in TARGETS):
         add("")
