@@ -425,8 +425,9 @@ mod tests {
         assert!(ctx.configs.current(&key_of(&policy)).is_some());
     }
 
-    #[tokio::test]
-    async fn slo_reports_reach_the_status_and_the_history_configmap() {
+    /// The quickstart policy as reconciled, with a sidecar's report (990 good of 1000) merged.
+    fn reconciled_with_a_report()
+    -> (ApiPolicy, Arc<Context>, crate::fixtures::ApiServerVerifier, PolicyKey, u64) {
         let (policy, config_map) = crate::fixtures::reconciled(quickstart());
         let (ctx, verifier) = Context::test(Seed {
             policies: vec![policy.clone()],
@@ -437,6 +438,12 @@ mod tests {
         let now = ctx.now_ms();
         let report = crate::fixtures::report("products-1", now, 990, 1000);
         ctx.budgets.merge(&key, &["availability"], &report, now, Default::default).unwrap();
+        (policy, ctx, verifier, key, now)
+    }
+
+    #[tokio::test]
+    async fn slo_reports_reach_the_status_and_the_history_configmap() {
+        let (policy, ctx, verifier, key, now) = reconciled_with_a_report();
         let mocks = verifier.run(Scenario::SloFigures(policy.clone()));
         reconcile(Arc::new(policy), ctx.clone()).await.unwrap();
         timeout_after_1s(mocks).await;
@@ -450,16 +457,7 @@ mod tests {
     /// retried at the next reconcile, and the error counted.
     #[tokio::test]
     async fn a_refused_history_save_still_writes_the_status_and_is_retried() {
-        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
-        let (ctx, verifier) = Context::test(Seed {
-            policies: vec![policy.clone()],
-            config_maps: vec![config_map],
-            ..Seed::default()
-        });
-        let key = key_of(&policy);
-        let now = ctx.now_ms();
-        let report = crate::fixtures::report("products-1", now, 990, 1000);
-        ctx.budgets.merge(&key, &["availability"], &report, now, Default::default).unwrap();
+        let (policy, ctx, verifier, key, _) = reconciled_with_a_report();
         let mocks = verifier.run(Scenario::SloHistoryRefused(policy.clone()));
         let result = reconcile(Arc::new(policy), ctx.clone()).await;
         assert!(matches!(result, Err(Error::ApplyConfigMap { .. })), "{result:?}");

@@ -213,6 +213,18 @@ fn ok(body: Vec<u8>) -> Response<Body> {
     Response::builder().body(Body::from(body)).expect("a response")
 }
 
+/// An API server's refusal: a `Status` object with this code, reason and message.
+fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let status = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+        "code": code.as_u16(), "message": message,
+    });
+    Response::builder()
+        .status(code)
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .expect("a response")
+}
+
 impl ApiServerVerifier {
     pub fn run(self, scenario: Scenario) -> tokio::task::JoinHandle<Self> {
         tokio::spawn(async move {
@@ -426,16 +438,11 @@ impl ApiServerVerifier {
             &request,
             &format!("/api/v1/namespaces/shop/configmaps/apipolicy-{}-slo", p.name_any()),
         );
-        let status = serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500,
-            "message": "etcdserver: request timed out",
-        });
-        send.send_response(
-            Response::builder()
-                .status(StatusCode::INTERNAL_SERVER_ERROR)
-                .body(Body::from(serde_json::to_vec(&status).unwrap()))
-                .unwrap(),
-        );
+        send.send_response(failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
+        ));
         self
     }
 
@@ -461,16 +468,11 @@ impl ApiServerVerifier {
     async fn status_conflict(mut self, p: &ApiPolicy) -> Self {
         let (request, send) = self.next().await;
         assert!(request.uri().path().ends_with(&format!("/apipolicies/{}/status", p.name_any())));
-        let status = serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
-            "message": "Operation cannot be fulfilled: the object has been modified",
-        });
-        send.send_response(
-            Response::builder()
-                .status(StatusCode::CONFLICT)
-                .body(Body::from(serde_json::to_vec(&status).unwrap()))
-                .unwrap(),
-        );
+        send.send_response(failure(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "Operation cannot be fulfilled: the object has been modified",
+        ));
         self
     }
 
