@@ -425,9 +425,11 @@ mod tests {
         assert!(ctx.configs.current(&key_of(&policy)).is_some());
     }
 
-    /// The quickstart policy as reconciled, with a sidecar's report (990 good of 1000) merged.
-    fn reconciled_with_a_report()
-    -> (ApiPolicy, Arc<Context>, crate::fixtures::ApiServerVerifier, PolicyKey, u64) {
+    /// The quickstart policy as reconciled, with a sidecar's report (990 good of 1000) merged
+    /// into the history `saved` gives (what the operator loads for the policy at `now`).
+    fn reconciled_with_a_report(
+        saved: impl FnOnce(&ApiPolicy, u64) -> crate::slo_merge::SloHistory,
+    ) -> (ApiPolicy, Arc<Context>, crate::fixtures::ApiServerVerifier, PolicyKey, u64) {
         let (policy, config_map) = crate::fixtures::reconciled(quickstart());
         let (ctx, verifier) = Context::test(Seed {
             policies: vec![policy.clone()],
@@ -437,13 +439,13 @@ mod tests {
         let key = key_of(&policy);
         let now = ctx.now_ms();
         let report = crate::fixtures::report("products-1", now, 990, 1000);
-        ctx.budgets.merge(&key, &["availability"], &report, now, Default::default).unwrap();
+        ctx.budgets.merge(&key, &["availability"], &report, now, || saved(&policy, now)).unwrap();
         (policy, ctx, verifier, key, now)
     }
 
     #[tokio::test]
     async fn slo_reports_reach_the_status_and_the_history_configmap() {
-        let (policy, ctx, verifier, key, now) = reconciled_with_a_report();
+        let (policy, ctx, verifier, key, now) = reconciled_with_a_report(|_, _| Default::default());
         let mocks = verifier.run(Scenario::SloFigures(policy.clone()));
         reconcile(Arc::new(policy), ctx.clone()).await.unwrap();
         timeout_after_1s(mocks).await;
@@ -457,7 +459,7 @@ mod tests {
     /// retried at the next reconcile, and the error counted.
     #[tokio::test]
     async fn a_refused_history_save_still_writes_the_status_and_is_retried() {
-        let (policy, ctx, verifier, key, _) = reconciled_with_a_report();
+        let (policy, ctx, verifier, key, _) = reconciled_with_a_report(|_, _| Default::default());
         let mocks = verifier.run(Scenario::SloHistoryRefused(policy.clone()));
         let result = reconcile(Arc::new(policy), ctx.clone()).await;
         assert!(matches!(result, Err(Error::ApplyConfigMap { .. })), "{result:?}");
@@ -469,20 +471,14 @@ mod tests {
     /// it is saved within the limit, and the trimming counted.
     #[tokio::test]
     async fn a_history_too_large_for_a_config_map_is_saved_trimmed_and_counted() {
-        let (policy, config_map) = crate::fixtures::reconciled(quickstart());
-        let (ctx, verifier) = Context::test(Seed {
-            policies: vec![policy.clone()],
-            config_maps: vec![config_map],
-            ..Seed::default()
+        let mut processes = 0;
+        let (policy, ctx, verifier, _, _) = reconciled_with_a_report(|policy, now| {
+            let slos = apipolicy_api::compile(policy).unwrap().spec.slos;
+            let huge = crate::slo_merge::pathological(&slos, 100_000, 50, 30_000, now);
+            assert!(huge.snapshot().unwrap().0.len() > render::HISTORY_MAX_BYTES);
+            processes = huge.processes() + 1;
+            huge
         });
-        let key = key_of(&policy);
-        let now = ctx.now_ms();
-        let slos = apipolicy_api::compile(&policy).unwrap().spec.slos;
-        let huge = crate::slo_merge::pathological(&slos, 100_000, 50, 30_000, now);
-        assert!(huge.snapshot().unwrap().0.len() > render::HISTORY_MAX_BYTES);
-        let processes = huge.processes() + 1;
-        let report = crate::fixtures::report("products-1", now, 990, 1000);
-        ctx.budgets.merge(&key, &["availability"], &report, now, || huge).unwrap();
         let mocks = verifier.run(Scenario::SloHistoryTrimmed(policy.clone(), processes));
         reconcile(Arc::new(policy), ctx.clone()).await.unwrap();
         timeout_after_1s(mocks).await;
