@@ -223,10 +223,16 @@ pub(crate) fn prepare(
             _ => return Err(ProxyError::BadRequest("the request has no Host header")),
         }
     }
-    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("the request target is invalid"))?;
+    // HTTP/1.1 requests come in origin form already; HTTP/2 ones (and absolute-form ones) are
+    // cut down to their path and query.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() || parts.uri.path_and_query().is_none()
+    {
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut uri = http::uri::Parts::default();
+        uri.path_and_query = Some(path);
+        parts.uri =
+            Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("the request target is invalid"))?;
+    }
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     append_forwarded(&mut parts.headers, peer);
@@ -424,10 +430,10 @@ fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
     let mut buf = [0u8; 48];
     let ip = ip_text(peer.ip(), &mut buf);
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::from_bytes(&[prior.as_bytes(), b", ", ip].concat()),
-        None => HeaderValue::from_bytes(ip),
+        Some(prior) => HeaderValue::from_bytes(&[prior.as_bytes(), b", ", ip].concat()).ok(),
+        None => crate::values::cut(ip),
     };
-    if let Ok(v) = value {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
