@@ -14,7 +14,7 @@ pub mod shared;
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime},
@@ -153,8 +153,8 @@ pub struct Entry {
     pub hash: u64,
     /// When the entry stops being fresh.
     pub fresh_until: SystemTime,
-    /// Compressed forms, made on first use.
-    encoded: Mutex<Vec<(Encoding, Bytes)>>,
+    /// Compressed forms (br, zstd, gzip), each made once, on first use; read without a lock.
+    encoded: [OnceLock<Bytes>; 3],
     /// A background revalidation is running.
     pub revalidating: AtomicBool,
     /// The request's values of the headers `Vary` names (Accept-Encoding aside), for hits
@@ -189,23 +189,20 @@ pub fn encoding_slot(encoding: Option<Encoding>) -> usize {
 
 impl Entry {
     pub fn encoded(&self, encoding: Encoding) -> Option<Bytes> {
-        let e = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-        e.iter().find(|(enc, _)| *enc == encoding).map(|(_, b)| b.clone())
+        self.encoded[encoding_slot(Some(encoding)) - 1].get().cloned()
     }
 
+    /// Keeps a compressed form; the first one made wins when two requests raced to make it.
     pub fn keep_encoded(&self, encoding: Encoding, body: Bytes) {
-        let mut e = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-        if !e.iter().any(|(enc, _)| *enc == encoding) {
-            e.push((encoding, body));
-        }
+        let _ = self.encoded[encoding_slot(Some(encoding)) - 1].set(body);
     }
 
     fn weight(&self) -> u64 {
         let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
-        let encoded = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-        let bodies: usize = encoded.iter().map(|(_, b)| b.len()).sum();
+        let forms = self.encoded.iter().filter_map(OnceLock::get);
+        let (count, bodies) = forms.fold((0, 0), |(n, sum), b| (n + 1, sum + b.len()));
         // The stored headers, and a ready hit head per form served (identity and each encoding).
-        let heads = headers * (2 + encoded.len());
+        let heads = headers * (2 + count);
         (self.body.len() + bodies + heads + 512) as u64
     }
 
@@ -692,7 +689,7 @@ pub fn entry(
         directive_secs(&headers, "stale-while-revalidate").unwrap_or_default(),
         directive_secs(&headers, "stale-if-error").unwrap_or_default(),
     );
-    assemble(key, request_headers, status, headers, body, surrogate_keys, windows, Vec::new(), now)
+    assemble(key, request_headers, status, headers, body, surrogate_keys, windows, Default::default(), now)
 }
 
 /// The same entry with the headers of a 304 revalidation merged in.
@@ -717,7 +714,7 @@ pub fn refreshed(
         old.body.clone(),
         old.surrogate_keys.clone(),
         (old.stale_while_revalidate, old.stale_if_error),
-        old.encoded.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        old.encoded.clone(),
         now,
     );
     old.revalidating.store(false, Ordering::Release);
@@ -733,7 +730,7 @@ fn assemble(
     body: Bytes,
     surrogate_keys: Vec<String>,
     (stale_while_revalidate, stale_if_error): (Duration, Duration),
-    encoded: Vec<(Encoding, Bytes)>,
+    encoded: [OnceLock<Bytes>; 3],
     now: SystemTime,
 ) -> Entry {
     let policy = policy_for(key, request_headers, status, &headers, now);
@@ -751,7 +748,7 @@ fn assemble(
         surrogate_keys,
         path: key.path.clone(),
         hash: key.hash,
-        encoded: Mutex::new(encoded),
+        encoded,
         revalidating: AtomicBool::new(false),
         heads: Default::default(),
     }
@@ -857,7 +854,7 @@ mod tests {
                     Bytes::from_static(b"body"),
                     Vec::new(),
                     (Duration::ZERO, Duration::ZERO),
-                    Vec::new(),
+                    Default::default(),
                     now,
                 ));
                 store.insert(&key, e.clone(), &map(stored_for), now);
