@@ -65,18 +65,18 @@ pub fn compressible(status: StatusCode, headers: &HeaderMap, config: &Compressio
     {
         return false;
     }
-    let no_transform = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
+    let no_transform = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        // Most values cannot hold the directive at all: skip the split for them.
+        let b = v.as_bytes();
+        b.windows(12).any(|w| w.eq_ignore_ascii_case(b"no-transform"))
+            && b.split(|&c| c == b',').any(|d| d.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
+    });
     if no_transform {
         return false;
     }
     let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
-    let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if !config.content_types.iter().any(|pattern| media_matches(pattern, &media)) {
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if !config.content_types.iter().any(|pattern| media_matches(pattern, media)) {
         return false;
     }
     match headers
@@ -89,20 +89,29 @@ pub fn compressible(status: StatusCode, headers: &HeaderMap, config: &Compressio
     }
 }
 
-/// `text/*`, `application/*+json` and exact types.
+/// `text/*`, `application/*+json` and exact types, case-insensitively (on every compressed
+/// response and cache hit: bytes compared in place, no allocation).
 fn media_matches(pattern: &str, media: &str) -> bool {
-    let (Some((pt, ps)), Some((mt, ms))) = (pattern.split_once('/'), media.split_once('/')) else {
-        return false;
-    };
-    if pt != "*" && pt != mt {
-        return false;
-    }
-    if ps == "*" {
+    let (p, m) = (pattern.as_bytes(), media.as_bytes());
+    if p.eq_ignore_ascii_case(m) {
         return true;
     }
-    match ps.strip_prefix("*+") {
-        Some(suffix) => ms.ends_with(&format!("+{suffix}")),
-        None => ps == ms,
+    let slash = |b: &[u8]| b.iter().position(|&c| c == b'/');
+    let (Some(pi), Some(mi)) = (slash(p), slash(m)) else { return false };
+    let (pt, ps, mt, ms) = (&p[..pi], &p[pi + 1..], &m[..mi], &m[mi + 1..]);
+    if pt != b"*" && !pt.eq_ignore_ascii_case(mt) {
+        return false;
+    }
+    if ps == b"*" {
+        return true;
+    }
+    match ps.strip_prefix(b"*+") {
+        Some(suffix) => {
+            ms.len() > suffix.len()
+                && ms[ms.len() - suffix.len() - 1] == b'+'
+                && ms[ms.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        None => ps.eq_ignore_ascii_case(ms),
     }
 }
 
@@ -218,6 +227,10 @@ mod tests {
         let ok = StatusCode::OK;
         assert!(compressible(ok, &h(&[("content-type", "application/json; charset=utf-8")]), &config));
         assert!(compressible(ok, &h(&[("content-type", "application/problem+json")]), &config));
+        assert!(compressible(ok, &h(&[("content-type", "Application/Problem+JSON")]), &config));
+        assert!(compressible(ok, &h(&[("content-type", "TEXT/plain")]), &config));
+        assert!(!compressible(ok, &h(&[("content-type", "application/json5")]), &config));
+        assert!(!compressible(ok, &h(&[("content-type", "application/xjson")]), &config));
         assert!(compressible(ok, &h(&[("content-type", "text/html"), ("content-length", "100")]), &config));
         assert!(!compressible(ok, &h(&[("content-type", "text/html"), ("content-length", "99")]), &config));
         assert!(!compressible(ok, &h(&[("content-type", "image/png")]), &config));

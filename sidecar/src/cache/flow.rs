@@ -487,8 +487,11 @@ async fn respond(
         h.insert(header::AGE, HeaderValue::from(age));
         h.insert(CACHE_STATUS.clone(), cache_status(&format!("hit; ttl={ttl}")));
         // The proxy sets the request id on every response: a slot for it now means that
-        // insert replaces a value instead of growing a copy of this map on every hit.
+        // insert replaces a value instead of growing a copy of this map on every hit. HeaderMap
+        // grows on any insert into a full table, even one that replaces: leave room (a clone
+        // keeps it).
         h.insert(crate::proxy::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
+        h.reserve(2);
         h
     });
     if let Some(kind) = kind {
