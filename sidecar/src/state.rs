@@ -46,7 +46,12 @@ pub struct Active {
     /// The SLOs, in config order, and for each route the ones that count it.
     pub slos: Vec<Arc<Tracker>>,
     pub route_slos: Vec<Vec<usize>>,
+    /// Unique to this build of a config (never 0): what is remembered about a config, such as
+    /// whether a cache entry is compressible on a route, is remembered with it.
+    pub generation: u64,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What stays the same across config reloads.
 pub struct Settings {
@@ -109,6 +114,8 @@ fn redis_store(
 }
 
 pub struct RouteRuntime {
+    /// Its place in [`Active::routes`].
+    pub index: usize,
     pub name: String,
     pub timeout: Duration,
     pub max_body: Option<u64>,
@@ -212,9 +219,11 @@ impl Active {
             .spec
             .routes
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(index, r)| {
                 let prior = before(&r.name);
                 RouteRuntime {
+                    index,
                     name: r.name.clone(),
                     timeout: Duration::from_millis(r.timeout_ms),
                     max_body: r.max_request_body,
@@ -307,6 +316,7 @@ impl Active {
             shared_cache,
             slos,
             route_slos,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }

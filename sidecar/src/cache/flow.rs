@@ -448,8 +448,11 @@ async fn respond(
 ) -> Response<ProxyBody> {
     let mut body = e.body.clone();
     let mut encoding = None;
-    let compressible =
-        route.compression.as_ref().filter(|config| compress::compressible(e.status, &e.headers, config));
+    let compressible = route.compression.as_ref().filter(|config| {
+        e.compressible_on(active.generation, route.index, || {
+            compress::compressible(e.status, &e.headers, config)
+        })
+    });
     if let Some(config) = compressible
         && body.len() as u64 >= config.min_size
         && let Some(enc) = compress::negotiate(request.get(header::ACCEPT_ENCODING), &config.algorithms)

@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -166,6 +166,9 @@ pub struct Entry {
     /// The response head of a hit, per encoding (identity, br, zstd, gzip), made again only
     /// when its Age or TTL second changes: a hit clones it and allocates nothing else.
     heads: [ArcSwapOption<HitHead>; 4],
+    /// Whether the route compresses this entry, remembered for one config generation and route:
+    /// `generation << 16 | route << 2 | 2 | answer`, 0 before the first answer.
+    compressible: AtomicU64,
 }
 
 /// A ready response head for hits on one entry in one encoding.
@@ -230,6 +233,19 @@ impl Entry {
     /// the entry cannot tell without the full judgement).
     fn varies_as(&self, request: &HeaderMap) -> bool {
         self.vary.as_ref().is_some_and(|vary| vary.iter().all(|(n, v)| request.get(n) == v.as_ref()))
+    }
+
+    /// Whether route `route` of config `generation` compresses this entry: `judge` answers
+    /// the first time, and again only after a reload or on another route.
+    pub fn compressible_on(&self, generation: u64, route: usize, judge: impl FnOnce() -> bool) -> bool {
+        let key = generation << 16 | ((route as u64) & 0x3fff) << 2 | 2;
+        let memo = self.compressible.load(Ordering::Relaxed);
+        if memo & !1 == key {
+            return memo & 1 == 1;
+        }
+        let answer = judge();
+        self.compressible.store(key | answer as u64, Ordering::Relaxed);
+        answer
     }
 
     /// The hit head for `slot` at this Age and TTL, made by `make` when there is none yet.
@@ -751,6 +767,7 @@ fn assemble(
         encoded,
         revalidating: AtomicBool::new(false),
         heads: Default::default(),
+        compressible: AtomicU64::new(0),
     }
 }
 
@@ -815,6 +832,36 @@ mod tests {
             assert_eq!(url_hash(host, path, query), xxhash_rust::xxh3::xxh3_64(text.as_bytes()), "{text}");
             assert_eq!(CacheKey::new(host, path, query).hash, url_hash(host, path, query));
         }
+    }
+
+    #[test]
+    fn compressibility_is_remembered_per_config_and_route() {
+        let key = CacheKey::new("h", "/p", None);
+        let e = assemble(
+            &key,
+            &HeaderMap::new(),
+            StatusCode::OK,
+            map(&[("cache-control", "max-age=60")]),
+            Bytes::from_static(b"body"),
+            Vec::new(),
+            (Duration::ZERO, Duration::ZERO),
+            Default::default(),
+            SystemTime::now(),
+        );
+        let mut judged = 0;
+        let mut ask = |generation, route, answer| {
+            e.compressible_on(generation, route, || {
+                judged += 1;
+                answer
+            })
+        };
+        assert!(ask(7, 0, true));
+        assert!(ask(7, 0, false), "remembered, not judged again");
+        assert!(!ask(7, 1, false), "another route is judged");
+        assert!(ask(8, 1, true), "another config is judged");
+        assert!(ask(8, 1, false), "and remembered");
+        assert!(!ask(7, 0, false), "only the last answer is kept");
+        assert_eq!(judged, 4);
     }
 
     /// The fast hit path and the full judgement agree on every plain request, and the hit
