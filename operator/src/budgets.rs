@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use apipolicy_api::{SloConfig, SloStatus, report::SloReport};
+use apipolicy_api::{SloConfig, SloStatus, report::SloReport, slo::HOUR_MS};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::{
@@ -23,7 +23,13 @@ struct Entry {
     /// Merged reports not yet saved.
     dirty: bool,
     saved_at_ms: u64,
+    /// When a trimmed save was last logged as a warning.
+    trim_warned_at_ms: Option<u64>,
 }
+
+/// A policy whose history stays too large is trimmed at every save (every few seconds): its
+/// warning is logged at most this often, the others at debug level (the metric counts all).
+const TRIM_WARNING_EVERY_MS: u64 = HOUR_MS;
 
 #[derive(Default)]
 pub struct Budgets {
@@ -130,6 +136,18 @@ impl Budgets {
             e.history.saved(marks);
             e.saved_at_ms = now_ms;
         }
+    }
+
+    /// Whether a trimmed save of `key` at `now_ms` is to be logged as a warning: the first one,
+    /// and then one an hour.
+    pub fn warn_of_trim(&self, key: &PolicyKey, now_ms: u64) -> bool {
+        let mut map = self.entries.lock().expect("budgets lock");
+        let Some(e) = map.get_mut(key) else { return true };
+        if e.trim_warned_at_ms.is_some_and(|at| now_ms.saturating_sub(at) < TRIM_WARNING_EVERY_MS) {
+            return false;
+        }
+        e.trim_warned_at_ms = Some(now_ms);
+        true
     }
 
     /// Saving failed: try again at the next chance.
@@ -252,6 +270,19 @@ mod tests {
             SloHistory::default()
         });
         assert!(loaded, "cleared entries reload the saved history");
+    }
+
+    #[test]
+    fn a_trimmed_save_is_warned_of_once_an_hour() {
+        let b = Budgets::default();
+        let key: PolicyKey = ("shop".into(), "products".into());
+        b.merge(&key, &["availability"], &report(T0 + 1_000, 9, 10), T0 + 1_000, SloHistory::default)
+            .unwrap();
+        assert!(b.warn_of_trim(&key, T0));
+        assert!(!b.warn_of_trim(&key, T0 + 15_000));
+        assert!(!b.warn_of_trim(&key, T0 + HOUR_MS - 1));
+        assert!(b.warn_of_trim(&key, T0 + HOUR_MS));
+        assert!(!b.warn_of_trim(&key, T0 + HOUR_MS + 15_000));
     }
 
     #[tokio::test]

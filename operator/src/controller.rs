@@ -245,18 +245,29 @@ async fn save_history(
                 } else {
                     "the SLO history is too large for its ConfigMap: data no figure reads was left out of the save"
                 };
-                tracing::warn!(
-                    policy = %format!("{}/{}", key.0, key.1),
-                    full_bytes = t.full_bytes,
-                    saved_bytes,
-                    max_bytes,
-                    expired_buckets = t.expired_buckets,
-                    seen_processes = t.seen_processes,
-                    hours = t.hours,
-                    minutes = t.minutes,
-                    processes = t.processes,
-                    "{what}"
-                );
+                // A history that stays too large is trimmed at every save: one warning an hour.
+                macro_rules! trim_event {
+                    ($level:expr) => {
+                        tracing::event!(
+                            $level,
+                            policy = %format!("{}/{}", key.0, key.1),
+                            full_bytes = t.full_bytes,
+                            saved_bytes,
+                            max_bytes,
+                            expired_buckets = t.expired_buckets,
+                            seen_processes = t.seen_processes,
+                            hours = t.hours,
+                            minutes = t.minutes,
+                            processes = t.processes,
+                            "{what}"
+                        )
+                    };
+                }
+                if ctx.budgets.warn_of_trim(&key, now_ms) {
+                    trim_event!(tracing::Level::WARN);
+                } else {
+                    trim_event!(tracing::Level::DEBUG);
+                }
             }
             Ok(())
         }
