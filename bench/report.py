@@ -585,8 +585,8 @@ if "cache-hit" in SCENARIOS:
             "",
             "| target | user (server's own code) | kernel (TCP read + write) | total |",
             "|---|---:|---:|---:|",
-            *(f"| {LABEL_CACHE} | {v['user_us']:.2f} µs | {v['kernel_us']:.2f} µs | {v['total_us']:.2f} µs |"
-              for LABEL_CACHE, v in (("sidecar", sd), ("nginx proxy_cache", ng))),
+            *(f"| {label} | {v['user_us']:.2f} µs | {v['kernel_us']:.2f} µs | {v['total_us']:.2f} µs |"
+              for label, v in (("sidecar", sd), ("nginx proxy_cache", ng))),
             "",
             f"The sidecar answers a hit with one read and one write (nginx adds open, fstat, pread and close of the "
             f"cache file). The kernel's share of a hit alone is {sd['kernel_us']:.2f} µs for the sidecar: even with "

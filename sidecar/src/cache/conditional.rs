@@ -41,13 +41,13 @@ pub fn not_modified(
         let Some(ours) = etag.and_then(|e| e.to_str().ok()) else { return false };
         return inm.iter().any(|t| *t == "*" || opaque(t) == opaque(ours));
     }
-    let (Some(since), Some(modified)) = (
-        request.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()).and_then(parse_date),
-        last_modified.and_then(|v| v.to_str().ok()).and_then(parse_date),
-    ) else {
+    // The stored Last-Modified is parsed only for a request that asks.
+    let Some(since) =
+        request.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()).and_then(parse_date)
+    else {
         return false;
     };
-    modified <= since
+    last_modified.and_then(|v| v.to_str().ok()).and_then(parse_date).is_some_and(|modified| modified <= since)
 }
 
 fn parse_date(s: &str) -> Option<SystemTime> {

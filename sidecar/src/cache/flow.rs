@@ -100,7 +100,7 @@ pub async fn serve(
     let hash = super::url_hash(host(headers, uri), uri.path(), uri.query());
     if let Some(e) = active.store.fresh(hash, headers, asks, now) {
         route.cache_lookups.hit.inc();
-        return Ok(respond(active, route, &e, now, None, headers, asks.conditional, head).await);
+        return Ok(respond(active, route, &e, now, None, headers, head).await);
     }
     Box::pin(serve_full(active, route, req, peer, id, finish)).await
 }
@@ -130,17 +130,7 @@ async fn serve_full(
         match store.lookup(&key, &client_headers, now) {
             Lookup::Fresh(e) => {
                 route.cache_lookups.hit.inc();
-                return Ok(respond(
-                    active,
-                    route,
-                    &e,
-                    now,
-                    None,
-                    &client_headers,
-                    Asks::of(&client_headers).conditional,
-                    head,
-                )
-                .await);
+                return Ok(respond(active, route, &e, now, None, &client_headers, head).await);
             }
             Lookup::StaleWhileRevalidate(e) => {
                 route.cache_lookups.stale.inc();
@@ -156,17 +146,7 @@ async fn serve_full(
                     );
                 }
                 let kind = format!("hit; ttl=-{}", e.staleness(now).as_secs());
-                return Ok(respond(
-                    active,
-                    route,
-                    &e,
-                    now,
-                    Some(&kind),
-                    &client_headers,
-                    Asks::of(&client_headers).conditional,
-                    head,
-                )
-                .await);
+                return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
             }
             Lookup::Stale(e) => {
                 stale = Some(e);
@@ -208,17 +188,7 @@ async fn serve_full(
                         guard.finish(Flight::Stored);
                         route.cache_lookups.hit.inc();
                         let kind = format!("hit; ttl={}; {detail}", e.ttl(now).as_secs());
-                        return Ok(respond(
-                            active,
-                            route,
-                            &e,
-                            now,
-                            Some(&kind),
-                            &client_headers,
-                            Asks::of(&client_headers).conditional,
-                            head,
-                        )
-                        .await);
+                        return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
                     }
                 }
                 let (resp, outcome) = fill(
@@ -331,17 +301,7 @@ async fn fill(
             shared.put(key, &fresh, client_headers, now).await;
         }
         let kind = "fwd=stale; fwd-status=304; stored";
-        let r = respond(
-            active,
-            route,
-            &fresh,
-            now,
-            Some(kind),
-            client_headers,
-            Asks::of(client_headers).conditional,
-            head,
-        )
-        .await;
+        let r = respond(active, route, &fresh, now, Some(kind), client_headers, head).await;
         return (Ok(r), Flight::Stored);
     }
     if status.is_server_error()
@@ -379,20 +339,7 @@ async fn fill(
                 shared.put(key, &e, client_headers, now).await;
             }
             let kind = format!("{miss_kind}; stored; ttl={}", e.ttl(now).as_secs());
-            (
-                Ok(respond(
-                    active,
-                    route,
-                    &e,
-                    now,
-                    Some(&kind),
-                    client_headers,
-                    Asks::of(client_headers).conditional,
-                    head,
-                )
-                .await),
-                Flight::Stored,
-            )
+            (Ok(respond(active, route, &e, now, Some(&kind), client_headers, head).await), Flight::Stored)
         }
     }
 }
@@ -408,17 +355,7 @@ async fn stale_if_error(
 ) -> Response<ProxyBody> {
     route.cache_lookups.stale.inc();
     let kind = format!("hit; ttl=-{}; detail=stale-if-error", stale.staleness(now).as_secs());
-    respond(
-        active,
-        route,
-        stale,
-        now,
-        Some(&kind),
-        client_headers,
-        Asks::of(client_headers).conditional,
-        head,
-    )
-    .await
+    respond(active, route, stale, now, Some(&kind), client_headers, head).await
 }
 
 /// A response that is not stored, passed on with the cache's headers.
@@ -443,7 +380,6 @@ async fn respond(
     now: SystemTime,
     kind: Option<&str>,
     request: &HeaderMap,
-    conditional: bool,
     head: bool,
 ) -> Response<ProxyBody> {
     let mut body = e.body.clone();
@@ -500,9 +436,7 @@ async fn respond(
     if let Some(kind) = kind {
         headers.insert(CACHE_STATUS.clone(), cache_status(kind));
     }
-    if conditional
-        && conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED))
-    {
+    if conditional::not_modified(request, headers.get(header::ETAG), headers.get(header::LAST_MODIFIED)) {
         let mut resp = Response::new(ProxyBody::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = conditional::not_modified_headers(&headers);

@@ -81,21 +81,18 @@ pub fn url_hash(host: &str, path: &str, query: Option<&str>) -> u64 {
                 h.update(p.as_bytes());
             }
         };
+        let mut params = q.split('&').filter(|p| !p.is_empty());
         let mut few = [""; 16];
         let mut n = 0;
-        for p in q.split('&').filter(|p| !p.is_empty()) {
-            if n == few.len() {
-                n = usize::MAX;
-                break;
-            }
+        for p in params.by_ref().take(few.len()) {
             few[n] = p;
             n += 1;
         }
-        if n == usize::MAX {
+        if params.next().is_none() {
+            feed(&mut h, &mut few[..n]);
+        } else {
             let mut many: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
             feed(&mut h, &mut many);
-        } else {
-            feed(&mut h, &mut few[..n]);
         }
     }
     h.digest()
@@ -279,8 +276,6 @@ pub struct Asks {
     pub pragma: bool,
     pub authorization: bool,
     pub range: bool,
-    /// `If-None-Match` or `If-Modified-Since`.
-    pub conditional: bool,
 }
 
 impl Asks {
@@ -295,8 +290,6 @@ impl Asks {
                 a.authorization = true;
             } else if name == header::RANGE {
                 a.range = true;
-            } else if name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE {
-                a.conditional = true;
             }
         }
         a
