@@ -23,7 +23,17 @@ const ZSTD_LEVEL: i32 = 3;
 /// The encoding to use for a client: the first of the route's algorithms (server preference)
 /// that the client accepts with the highest q-value. `None`: send the body as it is.
 pub fn negotiate(accept: Option<&HeaderValue>, offered: &[Encoding]) -> Option<Encoding> {
-    let accept = accept?.to_str().ok()?;
+    negotiate_bytes(accept.map(HeaderValue::as_bytes), offered)
+}
+
+/// The same from the value's bytes; a value `HeaderValue::to_str` refuses (not visible ASCII)
+/// offers nothing.
+pub fn negotiate_bytes(accept: Option<&[u8]>, offered: &[Encoding]) -> Option<Encoding> {
+    let accept = accept?;
+    if !accept.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        return None;
+    }
+    let accept = std::str::from_utf8(accept).ok()?;
     let mut best: Option<(Encoding, f32)> = None;
     for enc in offered {
         let q = q_value(accept, enc.as_str());

@@ -15,6 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
     request::Parts, uri::PathAndQuery,
@@ -27,6 +28,7 @@ use crate::{
     body::{ProxyBody, UpstreamBody},
     compress,
     error::ProxyError,
+    headers::{Raw, RequestHeaders},
     state::{Active, RouteRuntime},
     upstream::SendError,
 };
@@ -127,6 +129,73 @@ impl Proxy {
         finish.status = resp.status().as_u16();
         resp.body_mut().on_finish(finish);
         resp
+    }
+}
+
+/// A request head as the cache-hit lane ([`crate::lane`]) parsed it: an HTTP/1.1 GET or HEAD in
+/// origin form, without a body.
+pub struct LaneRequest<'a> {
+    pub method: &'a Method,
+    /// The request target: `path[?query]`.
+    pub target: &'a str,
+    pub headers: Raw<'a>,
+}
+
+/// What the lane writes for a hit, and what it records once written.
+pub struct LaneAnswer {
+    pub hit: crate::cache::flow::LaneHit,
+    pub id: HeaderValue,
+    pub finish: Finish,
+}
+
+impl Proxy {
+    /// Answers a plain hit for the lane, doing what [`Proxy::handle`] does for it (request
+    /// id, route, cache hit, metrics, SLOs and access log through [`Finish`]); `None` when the
+    /// request needs more than that (a rate limit, a miss, a conditional, a `Cache-Control`
+    /// of the client's…): the lane hands it to hyper and [`Proxy::handle`].
+    pub fn lane_hit(&self, req: &LaneRequest<'_>) -> Option<LaneAnswer> {
+        let start = Instant::now();
+        let active = self.active.load_full();
+        let (path, query) = match req.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.target, None),
+        };
+        let index = active.router.route(req.method, path, &req.headers);
+        let route = &active.routes[index];
+        if route.limiter.is_some() || route.cache.is_none() {
+            return None;
+        }
+        let asks = crate::cache::Asks::of_raw(req.headers.0);
+        if !asks.plain() {
+            return None;
+        }
+        // As `flow::host` reads it: a Host that is not visible ASCII counts as none.
+        let host = req
+            .headers
+            .first(&header::HOST)
+            .filter(|h| h.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+            .unwrap_or_default();
+        let hit = crate::cache::flow::lane_hit(&active, route, &req.headers, asks, (host, path, query))?;
+        let id = self.ids.for_raw(req.headers.first(&X_REQUEST_ID));
+        active.in_flight.inc();
+        let log = active.access_log;
+        let finish = Finish {
+            method: req.method.clone(),
+            path: if log {
+                PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
+            } else {
+                None
+            },
+            request_id: if log { Some(id.clone()) } else { None },
+            route: index,
+            status: hit.status.as_u16(),
+            start,
+            upstream_ms: None,
+            holds_slot: false,
+            policy_answer: false,
+            active,
+        };
+        Some(LaneAnswer { hit, id, finish })
     }
 }
 
@@ -455,17 +524,32 @@ impl RequestIds {
 
     fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
         if let Some(v) = headers.get(&X_REQUEST_ID)
-            && (1..=128).contains(&v.len())
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            && sane_id(v.as_bytes())
         {
             return v.clone();
         }
+        self.make()
+    }
+
+    /// The same from the client's value as sent.
+    fn for_raw(&self, value: Option<&[u8]>) -> HeaderValue {
+        match value.filter(|v| sane_id(v)).and_then(crate::values::cut) {
+            Some(v) => v,
+            None => self.make(),
+        }
+    }
+
+    fn make(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
         hex16(self.prefix, &mut buf[..16]);
         hex16(n, &mut buf[16..]);
         crate::values::cut(&buf).expect("hex digits are a valid header value")
     }
+}
+
+fn sane_id(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_graphic())
 }
 
 fn hex16(n: u64, out: &mut [u8]) {

@@ -3,8 +3,10 @@
 use std::borrow::Cow;
 
 use apipolicy_api::{CompiledSpec, Method as ApiMethod, PathConfig, compile_path_regex, prefix_matches};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
+
+use crate::headers::RequestHeaders;
 
 pub struct Router {
     matchers: Vec<Matcher>,
@@ -88,7 +90,7 @@ impl Router {
     }
 
     /// The index of the first route that matches; the last route matches everything.
-    pub fn route(&self, method: &Method, path: &str, headers: &HeaderMap) -> usize {
+    pub fn route(&self, method: &Method, path: &str, headers: &impl RequestHeaders) -> usize {
         let path = normalize_path(path);
         let bit = method_bit(method);
         self.matchers
@@ -96,8 +98,8 @@ impl Router {
             .position(|m| {
                 (m.methods == 0 || m.methods & bit != 0)
                     && m.headers.iter().all(|(name, value)| match value {
-                        None => headers.contains_key(name),
-                        Some(v) => headers.get_all(name).iter().any(|h| h == v),
+                        None => headers.first(name).is_some(),
+                        Some(v) => headers.any_is(name, v.as_bytes()),
                     })
                     && match &m.path {
                         PathMatcher::Any => true,

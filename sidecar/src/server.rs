@@ -187,10 +187,9 @@ async fn run(
     };
     let admin_task = tokio::spawn(serve_admin(sidecar.clone(), admin));
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+    let conns = Arc::new(Conns::new(sidecar.clone()));
     let graceful = GracefulShutdown::new();
+    let (closing, closing_rx) = watch::channel(false);
 
     let mut drain_started: Option<tokio::time::Instant> = None;
     loop {
@@ -207,21 +206,27 @@ async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let sc = sidecar.clone();
-                let service = service_fn(move |req| {
-                    let sc = sc.clone();
-                    async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
                 let open = sidecar.metrics.connections.clone();
                 open.inc();
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    open.dec();
-                });
+                // With a cache in the config, connections start in the cache-hit lane;
+                // without one, the lane would only hand every request over.
+                if sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
+                    let lane = crate::lane::serve(conns.clone(), stream, peer, graceful.watcher(), closing_rx.clone());
+                    tokio::spawn(async move {
+                        lane.await;
+                        open.dec();
+                    });
+                } else {
+                    let service = proxy_service(sidecar.clone(), peer);
+                    let conn = conns.auto.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        open.dec();
+                    });
+                }
             }
             _ = stop.changed(), if drain_started.is_none() => {
                 sidecar.draining.store(true, Ordering::Relaxed);
@@ -234,6 +239,8 @@ async fn run(
     drop(listener);
     let in_flight = graceful.count();
     tracing::info!(connections = in_flight, "listener closed; waiting for requests in flight");
+    // Idle lane connections close now; busy ones once their request is answered.
+    let _ = closing.send(true);
     if tokio::time::timeout(sidecar.options.shutdown_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             timeout_ms = sidecar.options.shutdown_timeout.as_millis() as u64,
@@ -248,6 +255,50 @@ async fn run(
     }
     admin_task.abort();
     tracing::info!("stopped");
+}
+
+/// How proxy connections are served: hyper's builders, shared by every connection.
+pub struct Conns {
+    pub sidecar: Arc<Sidecar>,
+    /// For whole connections: HTTP/1.1 or HTTP/2, with upgrades.
+    pub auto: auto::Builder<TokioExecutor>,
+    /// For one request the cache-hit lane hands over ([`crate::lane`]): hyper must not read
+    /// past the request's end while it answers (`half_close`), and gives the socket back.
+    pub one: hyper::server::conn::http1::Builder,
+    pub header_read_timeout: Duration,
+}
+
+impl Conns {
+    fn new(sidecar: Arc<Sidecar>) -> Self {
+        let header_read_timeout = crate::lane::HEADER_READ_TIMEOUT;
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+        auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+        let mut one = hyper::server::conn::http1::Builder::new();
+        one.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(true)
+            .half_close(true);
+        Self { sidecar, auto, one, header_read_timeout }
+    }
+}
+
+/// The proxy as a hyper service for one client connection.
+pub(crate) fn proxy_service(
+    sidecar: Arc<Sidecar>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::body::ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req| {
+        let sc = sidecar.clone();
+        async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
+    })
 }
 
 /// Forgets idle rate-limit keys every few seconds, so memory follows the keys in use.

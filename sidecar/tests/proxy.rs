@@ -3,6 +3,7 @@
 mod agent;
 mod caching;
 mod global;
+mod lane;
 mod limits;
 mod slos;
 mod support;

@@ -23,6 +23,7 @@ use crate::{
     body::{Buffered, ProxyBody, UpstreamBody, buffer},
     compress,
     error::ProxyError,
+    headers::{Raw, RequestHeaders},
     proxy::{Finish, prepare, send},
     state::{Active, RouteRuntime},
 };
@@ -97,7 +98,7 @@ pub async fn serve(
     let head = req.method() == Method::HEAD;
     let now = SystemTime::now();
     let (headers, uri) = (req.headers(), req.uri());
-    let hash = super::url_hash(host(headers, uri), uri.path(), uri.query());
+    let hash = super::url_hash(host(headers, uri).as_bytes(), uri.path(), uri.query());
     if let Some(e) = active.store.fresh(hash, headers, asks, now) {
         route.cache_lookups.hit.inc();
         return Ok(respond(active, route, &e, now, None, headers, head).await);
@@ -409,30 +410,12 @@ async fn respond(
         }
     }
     let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
-    let mut headers = e.head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
-        let mut h = e.headers.clone();
-        if compressible.is_some() {
-            compress::add_vary(&mut h, "accept-encoding");
-        }
-        if let Some(enc) = encoding {
-            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
-            h.remove(header::ACCEPT_RANGES);
-            if let Some(tag) = h.get(header::ETAG).and_then(|t| conditional::encoded_etag(t, enc.as_str())) {
-                h.insert(header::ETAG, tag);
-            }
-        }
-        h.remove(header::TRANSFER_ENCODING);
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        h.insert(header::AGE, HeaderValue::from(age));
-        h.insert(CACHE_STATUS.clone(), cache_status(&format!("hit; ttl={ttl}")));
-        // The proxy sets the request id on every response: a slot for it now means that
-        // insert replaces a value instead of growing a copy of this map on every hit. HeaderMap
-        // grows on any insert into a full table, even one that replaces: leave room (a clone
-        // keeps it).
-        h.insert(crate::proxy::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
-        h.reserve(2);
-        h
-    });
+    let mut headers = e
+        .head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
+            hit_headers(e, compressible.is_some(), encoding, body.len(), age, ttl)
+        })
+        .headers
+        .clone();
     if let Some(kind) = kind {
         headers.insert(CACHE_STATUS.clone(), cache_status(kind));
     }
@@ -449,6 +432,91 @@ async fn respond(
     *resp.status_mut() = e.status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// The head of a plain hit on `e`, in `encoding`, at this Age and TTL.
+fn hit_headers(
+    e: &Entry,
+    compressible: bool,
+    encoding: Option<apipolicy_api::Encoding>,
+    length: usize,
+    age: u64,
+    ttl: u64,
+) -> HeaderMap {
+    let mut h = e.headers.clone();
+    if compressible {
+        compress::add_vary(&mut h, "accept-encoding");
+    }
+    if let Some(enc) = encoding {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
+        h.remove(header::ACCEPT_RANGES);
+        if let Some(tag) = h.get(header::ETAG).and_then(|t| conditional::encoded_etag(t, enc.as_str())) {
+            h.insert(header::ETAG, tag);
+        }
+    }
+    h.remove(header::TRANSFER_ENCODING);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    h.insert(header::AGE, HeaderValue::from(age));
+    h.insert(CACHE_STATUS.clone(), cache_status(&format!("hit; ttl={ttl}")));
+    // The proxy sets the request id on every response: a slot for it now means that
+    // insert replaces a value instead of growing a copy of this map on every hit. HeaderMap
+    // grows on any insert into a full table, even one that replaces: leave room (a clone
+    // keeps it).
+    h.insert(crate::proxy::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
+    h.reserve(2);
+    h
+}
+
+/// A hit the cache-hit lane writes itself: the ready head and the body (the compressed form
+/// the client accepts, when the route compresses).
+pub struct LaneHit {
+    pub status: StatusCode,
+    pub head: Arc<super::HitHead>,
+    pub body: Bytes,
+}
+
+/// The lane's hit: a plain GET or HEAD (no `Cache-Control`, `Pragma`, `Authorization`, `Range`
+/// or conditional header of the client's) for a fresh entry, the same answer the full path
+/// gives such a request ([`serve`], then [`respond`] with no `kind`). `None` for anything
+/// else, and for a compressed form not made yet: the full path answers those.
+pub fn lane_hit(
+    active: &Active,
+    route: &RouteRuntime,
+    headers: &Raw<'_>,
+    asks: Asks,
+    url: (&[u8], &str, Option<&str>),
+) -> Option<LaneHit> {
+    if asks.range || asks.conditional {
+        return None;
+    }
+    let now = SystemTime::now();
+    let hash = super::url_hash(url.0, url.1, url.2);
+    let e = active.store.fresh(hash, headers, asks, now)?;
+    // Statuses whose framing hyper rewrites (no body, no Content-Length) take the full path.
+    if e.status == StatusCode::NO_CONTENT || e.status == StatusCode::NOT_MODIFIED {
+        return None;
+    }
+    let mut body = e.body.clone();
+    let mut encoding = None;
+    let compressible = route.compression.as_ref().filter(|config| {
+        e.compressible_on(active.generation, route.index, || {
+            compress::compressible(e.status, &e.headers, config)
+        })
+    });
+    if let Some(config) = compressible
+        && body.len() as u64 >= config.min_size
+        && let Some(enc) =
+            compress::negotiate_bytes(headers.first(&header::ACCEPT_ENCODING), &config.algorithms)
+    {
+        body = e.encoded(enc)?;
+        encoding = Some(enc);
+    }
+    let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
+    let head = e.head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
+        hit_headers(&e, compressible.is_some(), encoding, body.len(), age, ttl)
+    });
+    route.cache_lookups.hit.inc();
+    Some(LaneHit { status: e.status, head, body })
 }
 
 /// Compresses a stored body; big ones on the blocking pool, off the request threads.

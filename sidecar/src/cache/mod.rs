@@ -20,6 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::headers::RequestHeaders;
 use apipolicy_api::{CacheConfig, CacheMode, Encoding};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -40,7 +41,7 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(host: &str, path: &str, query: Option<&str>) -> Self {
-        let hash = url_hash(host, path, query);
+        let hash = url_hash(host.as_bytes(), path, query);
         let host = host.to_ascii_lowercase();
         let query = query.filter(|q| !q.is_empty()).map(|q| {
             let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
@@ -59,10 +60,10 @@ impl CacheKey {
 /// The hash of a URL for the cache, [`CacheKey::hash`]: the host lower-cased, the path, and
 /// the query's non-empty parameters sorted, hashed as they go, with no allocation for up to
 /// 16 parameters (the hit path computes it on every request).
-pub fn url_hash(host: &str, path: &str, query: Option<&str>) -> u64 {
+pub fn url_hash(host: &[u8], path: &str, query: Option<&str>) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut lower = [0u8; 64];
-    for chunk in host.as_bytes().chunks(lower.len()) {
+    for chunk in host.chunks(lower.len()) {
         let b = &mut lower[..chunk.len()];
         b.copy_from_slice(chunk);
         b.make_ascii_lowercase();
@@ -175,6 +176,36 @@ pub struct HitHead {
     /// Whether the route compresses this entry's type (it adds `Vary: Accept-Encoding`).
     pub compressible: bool,
     pub headers: HeaderMap,
+    /// The same head as HTTP/1.1 bytes, for the cache-hit lane ([`crate::lane`]): the status
+    /// line and every header but `X-Request-Id`, each line ending in CRLF.
+    pub wire: Bytes,
+    /// Whether the head has a `Date` (without one, the lane adds one, as hyper does).
+    pub dated: bool,
+}
+
+impl HitHead {
+    fn new(status: StatusCode, age: u64, ttl: u64, compressible: bool, headers: HeaderMap) -> Self {
+        let mut wire = Vec::with_capacity(
+            32 + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>(),
+        );
+        wire.extend_from_slice(b"HTTP/1.1 ");
+        wire.extend_from_slice(status.as_str().as_bytes());
+        wire.push(b' ');
+        // A reason must be written: many parsers expect one (hyper writes the same).
+        wire.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        wire.extend_from_slice(b"\r\n");
+        for (name, value) in &headers {
+            if name == crate::proxy::X_REQUEST_ID {
+                continue;
+            }
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        let dated = headers.contains_key(header::DATE);
+        Self { age, ttl, compressible, headers, wire: wire.into(), dated }
+    }
 }
 
 /// The slot of an encoding in [`Entry::heads`].
@@ -228,8 +259,10 @@ impl Entry {
 
     /// Whether a request with these headers is one this entry's `Vary` matches (`false` when
     /// the entry cannot tell without the full judgement).
-    fn varies_as(&self, request: &HeaderMap) -> bool {
-        self.vary.as_ref().is_some_and(|vary| vary.iter().all(|(n, v)| request.get(n) == v.as_ref()))
+    fn varies_as(&self, request: &impl RequestHeaders) -> bool {
+        self.vary.as_ref().is_some_and(|vary| {
+            vary.iter().all(|(n, v)| request.first(n) == v.as_ref().map(|v| v.as_bytes()))
+        })
     }
 
     /// Whether route `route` of config `generation` compresses this entry: `judge` answers
@@ -253,18 +286,18 @@ impl Entry {
         ttl: u64,
         compressible: bool,
         make: impl FnOnce() -> HeaderMap,
-    ) -> HeaderMap {
+    ) -> Arc<HitHead> {
         let cell = &self.heads[slot];
         if let Some(h) = &*cell.load()
             && h.age == age
             && h.ttl == ttl
             && h.compressible == compressible
         {
-            return h.headers.clone();
+            return h.clone();
         }
-        let headers = make();
-        cell.store(Some(Arc::new(HitHead { age, ttl, compressible, headers: headers.clone() })));
-        headers
+        let head = Arc::new(HitHead::new(self.status, age, ttl, compressible, make()));
+        cell.store(Some(head.clone()));
+        head
     }
 }
 
@@ -276,6 +309,8 @@ pub struct Asks {
     pub pragma: bool,
     pub authorization: bool,
     pub range: bool,
+    /// `If-None-Match`, `If-Modified-Since`, `If-Match`, `If-Unmodified-Since` or `If-Range`.
+    pub conditional: bool,
 }
 
 impl Asks {
@@ -290,6 +325,28 @@ impl Asks {
                 a.authorization = true;
             } else if name == header::RANGE {
                 a.range = true;
+            } else if is_conditional(name.as_str().as_bytes()) {
+                a.conditional = true;
+            }
+        }
+        a
+    }
+
+    /// The same, from a request head's parsed bytes (names in any case).
+    pub fn of_raw(headers: &[httparse::Header<'_>]) -> Self {
+        let mut a = Self::default();
+        for h in headers {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"cache-control") {
+                a.cache_control = true;
+            } else if name.eq_ignore_ascii_case(b"pragma") {
+                a.pragma = true;
+            } else if name.eq_ignore_ascii_case(b"authorization") {
+                a.authorization = true;
+            } else if name.eq_ignore_ascii_case(b"range") {
+                a.range = true;
+            } else if is_conditional(name) {
+                a.conditional = true;
             }
         }
         a
@@ -300,6 +357,15 @@ impl Asks {
     pub fn plain(&self) -> bool {
         !(self.cache_control || self.pragma || self.authorization)
     }
+}
+
+/// Whether a header name (any case) is one of the conditional request headers.
+fn is_conditional(name: &[u8]) -> bool {
+    name.len() >= 7
+        && name[..3].eq_ignore_ascii_case(b"if-")
+        && [&b"none-match"[..], b"modified-since", b"match", b"unmodified-since", b"range"]
+            .iter()
+            .any(|n| name[3..].eq_ignore_ascii_case(n))
 }
 
 /// The result of a lookup.
@@ -410,7 +476,13 @@ impl Store {
     /// and `Vary` values alone: the hit path, with no header parsing and no allocation.
     /// `None` sends the request the full way ([`Store::lookup`]), which judges every case;
     /// for a plain request both agree, since freshness and `Vary` are all it checks then.
-    pub fn fresh(&self, hash: u64, headers: &HeaderMap, asks: Asks, now: SystemTime) -> Option<Arc<Entry>> {
+    pub fn fresh(
+        &self,
+        hash: u64,
+        headers: &impl RequestHeaders,
+        asks: Asks,
+        now: SystemTime,
+    ) -> Option<Arc<Entry>> {
         if !asks.plain() {
             return None;
         }
@@ -822,8 +894,12 @@ mod tests {
                 format!("h\n/many?{}", p.join("&"))
             }),
         ] {
-            assert_eq!(url_hash(host, path, query), xxhash_rust::xxh3::xxh3_64(text.as_bytes()), "{text}");
-            assert_eq!(CacheKey::new(host, path, query).hash, url_hash(host, path, query));
+            assert_eq!(
+                url_hash(host.as_bytes(), path, query),
+                xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
+                "{text}"
+            );
+            assert_eq!(CacheKey::new(host, path, query).hash, url_hash(host.as_bytes(), path, query));
         }
     }
 

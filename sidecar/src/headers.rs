@@ -1,0 +1,67 @@
+//! Request headers as the route matcher and the cache's hit path read them: from hyper's
+//! `HeaderMap`, or straight from the parsed bytes of an HTTP/1 request head (the cache-hit
+//! lane, [`crate::lane`]), so that a hit needs no map built.
+
+use http::{HeaderMap, HeaderName};
+
+pub trait RequestHeaders {
+    /// The first value of `name` (what `HeaderMap::get` gives).
+    fn first(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// Whether any value of `name` is exactly `value`.
+    fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    }
+}
+
+/// The headers of a request head as `httparse` found them: names in any case, values as sent
+/// (httparse trims the whitespace around them, as for the values hyper puts in a map).
+#[derive(Clone, Copy)]
+pub struct Raw<'a>(pub &'a [httparse::Header<'a>]);
+
+impl RequestHeaders for Raw<'_> {
+    // HeaderName's text is lowercase; a name on the wire may have any case.
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str().as_bytes();
+        self.0.iter().find(|h| h.name.as_bytes().eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+
+    fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool {
+        let name = name.as_str().as_bytes();
+        self.0.iter().any(|h| h.name.as_bytes().eq_ignore_ascii_case(name) && h.value == value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderValue, header};
+
+    use super::*;
+
+    #[test]
+    fn raw_and_map_read_alike() {
+        let raw = [
+            httparse::Header { name: "Host", value: b"a.example" },
+            httparse::Header { name: "ACCEPT", value: b"text/html" },
+            httparse::Header { name: "accept", value: b"application/json" },
+        ];
+        let mut map = HeaderMap::new();
+        map.insert(header::HOST, HeaderValue::from_static("a.example"));
+        map.append(header::ACCEPT, HeaderValue::from_static("text/html"));
+        map.append(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let raw = Raw(&raw);
+        for name in [header::HOST, header::ACCEPT, header::RANGE] {
+            assert_eq!(raw.first(&name), map.first(&name), "{name}");
+            for value in [&b"a.example"[..], b"application/json", b"text/html", b""] {
+                assert_eq!(raw.any_is(&name, value), map.any_is(&name, value), "{name} {value:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The cache-hit lane: HTTP/1.1 connections to a config with a cache are read here first, so
+//! that a plain fresh hit is answered straight from the parsed request bytes and the entry's
+//! ready head, without hyper building a request and a response (about half the CPU of a hit).
+//!
+//! The lane answers one kind of request only: an HTTP/1.1 GET or HEAD in origin form, without
+//! a body or `Connection`/`Upgrade`/`Expect` header, whose route has a cache and no rate
+//! limit, and which [`crate::proxy::Proxy::lane_hit`] finds a plain fresh hit for. Anything
+//! else goes to hyper and [`crate::proxy::Proxy::handle`], which judge every case:
+//! - a request whose extent is known (no `Transfer-Encoding`, one plain `Content-Length` or
+//!   none) is handed over alone: hyper reads exactly its bytes, answers it, and gives the
+//!   connection back, so the next request can be a hit again;
+//! - anything else (chunked bodies, upgrades, HTTP/1.0, HTTP/2's preface, a head httparse
+//!   refuses, too many headers…) hands the whole connection to hyper, with the bytes read so
+//!   far, for good; so does a connection that makes four handovers in a row.
+//!
+//! Request heads are parsed by httparse with the configuration hyper uses for requests, so the
+//! lane reads a head exactly as hyper would; it never decides the framing of a body.
+
+use std::{
+    io::{self, IoSlice},
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::{Buf, Bytes};
+use http::Method;
+use hyper_util::{rt::TokioIo, server::graceful::Watcher};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+};
+
+use crate::{
+    headers::Raw,
+    proxy::{LaneAnswer, LaneRequest},
+    server::Conns,
+};
+
+/// Header slots for a request head; a head with more goes to hyper (which allows 100).
+const MAX_HEADERS: usize = 64;
+/// A head not complete within this many bytes goes to hyper (which allows ~400 KiB).
+const HEAD_LIMIT: usize = 64 * 1024;
+/// Handovers in a row after which a connection leaves the lane for good: it carries no hits.
+const HANDOVERS_TO_LEAVE: u32 = 4;
+/// Bodies up to this size are copied behind the head: one write, one packet.
+const COPY_BODY: usize = 16 * 1024;
+
+/// What to do with the bytes at the front of the buffer.
+enum Step {
+    /// No complete head yet.
+    Read,
+    /// A hit the lane answers: the head's length and what to write.
+    Hit { head_len: usize, answer: Box<LaneAnswer>, head_only: bool },
+    /// A request hyper answers alone: its head's length and its body's.
+    Hand { head_len: usize, body_len: u64 },
+    /// The connection goes to hyper for good.
+    Leave,
+}
+
+/// Serves one accepted connection until it closes or leaves for hyper.
+pub async fn serve(
+    conns: Arc<Conns>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    closing: watch::Receiver<bool>,
+) {
+    let mut stream = stream;
+    let mut buf = Buffer::new();
+    let mut out = Vec::with_capacity(1024);
+    let mut handovers = 0u32;
+    let timeout = conns.header_read_timeout;
+    // The wait for a head starts at `waiting_since`; the timer is armed once and moved on
+    // only when it fires early, not for every request.
+    let mut waiting_since = Instant::now();
+    let timer = tokio::time::sleep(timeout);
+    tokio::pin!(timer);
+    // One future for the whole connection: made per wait, it would cost more than a hit.
+    let closed = closed(closing);
+    tokio::pin!(closed);
+    loop {
+        match step(&conns, buf.data()) {
+            Step::Read => {
+                if buf.len() >= HEAD_LIMIT {
+                    return leave(&conns, stream, buf.data(), peer, watcher).await;
+                }
+                let idle = buf.is_empty();
+                tokio::select! {
+                    biased;
+                    read = stream.read(buf.spare()) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.filled(n),
+                    },
+                    () = &mut timer => {
+                        if waiting_since.elapsed() >= timeout {
+                            tracing::debug!(%peer, "no complete request head within the header read timeout");
+                            return;
+                        }
+                        timer.as_mut().reset((waiting_since + timeout).into());
+                    }
+                    () = &mut closed, if idle => return,
+                }
+            }
+            Step::Hit { head_len, answer, head_only } => {
+                buf.consume(head_len);
+                handovers = 0;
+                let LaneAnswer { hit, id, finish } = *answer;
+                out.clear();
+                out.extend_from_slice(&hit.head.wire);
+                if !hit.head.dated {
+                    date_line(&mut out);
+                }
+                out.extend_from_slice(b"x-request-id: ");
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(b"\r\n\r\n");
+                let body = if head_only { &[][..] } else { &hit.body[..] };
+                let written = if body.len() <= COPY_BODY {
+                    out.extend_from_slice(body);
+                    stream.write_all(&out).await
+                } else {
+                    write_all_vectored(&mut stream, &out, body).await
+                };
+                finish.done(if written.is_ok() { body.len() as u64 } else { 0 });
+                if written.is_err() {
+                    return;
+                }
+                waiting_since = Instant::now();
+            }
+            Step::Hand { head_len, body_len } => {
+                handovers += 1;
+                if handovers >= HANDOVERS_TO_LEAVE {
+                    return leave(&conns, stream, buf.data(), peer, watcher).await;
+                }
+                let buffered = (buf.len() - head_len).min(usize::try_from(body_len).unwrap_or(usize::MAX));
+                let pending = Bytes::copy_from_slice(&buf.data()[..head_len + buffered]);
+                buf.consume(head_len + buffered);
+                let io = OneRequest { stream, pending, remaining: body_len - buffered as u64 };
+                let conn = conns.one.serve_connection(
+                    TokioIo::new(io),
+                    crate::server::proxy_service(conns.sidecar.clone(), peer),
+                );
+                match conn.without_shutdown().await {
+                    Ok(parts) => {
+                        let io = parts.io.into_inner();
+                        // hyper left part of the body unread (it answered without it): the
+                        // next request's start is unknown, so the connection ends here.
+                        if !parts.read_buf.is_empty() || !io.pending.is_empty() || io.remaining > 0 {
+                            return;
+                        }
+                        stream = io.stream;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                        return;
+                    }
+                }
+                waiting_since = Instant::now();
+            }
+            Step::Leave => return leave(&conns, stream, buf.data(), peer, watcher).await,
+        }
+    }
+}
+
+/// Ends when the sidecar closes its connections (at once if it does already).
+async fn closed(mut closing: watch::Receiver<bool>) {
+    // An error means the sender is gone: the sidecar stopped.
+    let _ = closing.wait_for(|c| *c).await;
+}
+
+/// Hands the connection to hyper for good, with the bytes read and not answered.
+async fn leave(conns: &Conns, stream: TcpStream, read: &[u8], peer: SocketAddr, watcher: Watcher) {
+    let io = Prefixed { pending: Bytes::copy_from_slice(read), stream };
+    let conn = conns
+        .auto
+        .serve_connection_with_upgrades(
+            TokioIo::new(io),
+            crate::server::proxy_service(conns.sidecar.clone(), peer),
+        )
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Parses the head at the front of `data` and decides who answers it.
+fn step(conns: &Conns, data: &[u8]) -> Step {
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(data, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Step::Read,
+        // hyper answers what httparse refuses (400, 431) and HTTP/2's preface.
+        Err(_) => return Step::Leave,
+    };
+    if req.version != Some(1) {
+        return Step::Leave;
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else { return Step::Leave };
+    let mut content_length = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if content_length.is_some() {
+                return Step::Leave;
+            }
+            match plain_length(h.value) {
+                Some(n) => content_length = Some(n),
+                None => return Step::Leave,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+            || (name.eq_ignore_ascii_case(b"connection") && !h.value.eq_ignore_ascii_case(b"keep-alive"))
+        {
+            return Step::Leave;
+        }
+    }
+    if method == "CONNECT" {
+        return Step::Leave;
+    }
+    let body_len = content_length.unwrap_or(0);
+    let method = match method {
+        "GET" => &Method::GET,
+        "HEAD" => &Method::HEAD,
+        _ => return Step::Hand { head_len, body_len },
+    };
+    if body_len > 0 || !plain_target(target) {
+        return Step::Hand { head_len, body_len };
+    }
+    let request = LaneRequest { method, target, headers: Raw(req.headers) };
+    match conns.sidecar.proxy.lane_hit(&request) {
+        Some(answer) => Step::Hit { head_len, answer: Box::new(answer), head_only: method == Method::HEAD },
+        None => Step::Hand { head_len, body_len },
+    }
+}
+
+/// A `Content-Length` of digits only (what hyper also accepts, less its rare list forms).
+fn plain_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// An origin-form target of the characters RFC 3986 allows in a path and query, without a
+/// fragment: the lane reads it as `http::Uri` would (anything else goes to hyper).
+fn plain_target(t: &str) -> bool {
+    static ALLOWED: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric();
+            b += 1;
+        }
+        let extra = b"-._~!$&'()*+,;=:@/?%";
+        let mut i = 0;
+        while i < extra.len() {
+            table[extra[i] as usize] = true;
+            i += 1;
+        }
+        table
+    };
+    t.starts_with('/') && t.bytes().all(|b| ALLOWED[b as usize])
+}
+
+/// A `Date` line, as hyper adds to responses without one: the text is made once a second.
+fn date_line(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != second || text.is_empty() {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+async fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(head), IoSlice::new(body)];
+    let mut slices = &mut bufs[..];
+    while !slices.is_empty() {
+        let n = stream.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// The lane's read buffer: bytes at `start..end` of `data`, moved to the front only when a
+/// partial head must grow.
+struct Buffer {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    fn new() -> Self {
+        Self { data: vec![0; 8 * 1024], start: 0, end: 0 }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room to read into, made at the end (a partial head moves to the front, or the buffer
+    /// doubles, up to a little over [`HEAD_LIMIT`]).
+    fn spare(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let grown = (self.data.len() * 2).min(HEAD_LIMIT + 8 * 1024);
+                self.data.resize(grown.max(self.data.len() + 1024), 0);
+            }
+        }
+        &mut self.data[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+}
+
+/// The socket for one request handed to hyper: the request's bytes read already, then at
+/// most `remaining` more (the rest of its body), then end of input. hyper answers it, finds
+/// the input ended while idle, and gives the socket back ([`hyper::server::conn::http1::Connection::without_shutdown`]).
+struct OneRequest {
+    stream: TcpStream,
+    pending: Bytes,
+    remaining: u64,
+}
+
+impl AsyncRead for OneRequest {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending[..n]);
+            this.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if this.remaining == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let max = usize::try_from(this.remaining).unwrap_or(usize::MAX).min(buf.remaining());
+        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(max));
+        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut limited))?;
+        let n = limited.filled().len();
+        buf.advance(n);
+        this.remaining -= n as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The socket handed to hyper for good, with the bytes the lane read first.
+struct Prefixed {
+    pending: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending[..n]);
+            this.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+/// Writes go straight to the socket, for both wrappers.
+macro_rules! write_through {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.stream).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.stream.is_write_vectored()
+            }
+
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.stream).poll_flush(cx)
+            }
+
+            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.stream).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+write_through!(OneRequest);
+write_through!(Prefixed);
+
+/// How long the lane waits for a complete head, as hyper's `header_read_timeout`.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_and_targets() {
+        assert_eq!(plain_length(b"0"), Some(0));
+        assert_eq!(plain_length(b"1234"), Some(1234));
+        for bad in [&b""[..], b"+1", b"1,1", b" 1", b"-0", b"99999999999999999999"] {
+            assert_eq!(plain_length(bad), None, "{bad:?}");
+        }
+        assert!(plain_target("/a/b?c=1&d=%20"));
+        for bad in ["*", "http://x/a", "/a#f", "/a b", "/a\"b", "/{x}", "/a\\b"] {
+            assert!(!plain_target(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn buffer_keeps_partial_heads() {
+        let mut b = Buffer::new();
+        let n = b.spare().len();
+        b.spare()[..n].fill(b'x');
+        b.filled(n);
+        b.consume(n - 10);
+        assert_eq!(b.len(), 10);
+        let room = b.spare().len();
+        assert_eq!(room, n - 10, "the partial head moved to the front");
+        assert_eq!(b.data(), &[b'x'; 10][..]);
+        b.spare()[..room].fill(b'y');
+        b.filled(room);
+        assert!(b.spare().len() >= 1024, "a full buffer with a head at the front grows");
+        assert_eq!(b.len(), n);
+    }
+}

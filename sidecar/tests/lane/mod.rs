@@ -1,0 +1,414 @@
+//! The cache-hit lane over raw sockets: hits answered from the request bytes, everything else
+//! handed to hyper, in order, on the same connection.
+
+use std::time::Duration;
+
+use apipolicy_sidecar::server::{Handle, start};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::support::*;
+
+const ROUTES: &str = "  - name: cached
+    match: {path: {prefix: /app/cached}, methods: [GET, HEAD]}
+    cache: {maxAge: 60s}
+    compression: {minSize: 100}
+  - name: limited
+    match: {path: {prefix: /app/limited}}
+    cache: {maxAge: 60s}
+    rateLimit: {requests: 1000, per: 1s, scope: Pod}
+  - name: uploads
+    match: {path: {prefix: /count}}
+    maxRequestBody: 1Ki
+";
+
+async fn lane_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
+    let path = dir.file("policy.yaml", &policy(ROUTES));
+    start(options(path, &up.url())).await.unwrap()
+}
+
+/// A response as read off the socket.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A client that writes raw bytes and reads responses one by one (Content-Length framed, or
+/// chunked), keeping what it read past a response for the next one.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(handle: &Handle) -> Self {
+        Self { stream: TcpStream::connect(handle.proxy_addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("the sidecar answered within 10 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next response; `head_only` for a response to HEAD.
+    async fn response(&mut self, head_only: bool) -> Raw {
+        self.try_response(head_only).await.expect("the connection closed before a response")
+    }
+
+    /// The next response, `None` if the connection closes first.
+    async fn try_response(&mut self, head_only: bool) -> Option<Raw> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf).unwrap() {
+                let status = resp.code.unwrap();
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                let mut raw = Raw { status, headers, body: Vec::new() };
+                self.buf.drain(..n);
+                if !head_only && status != 304 && status != 204 {
+                    if raw.header("transfer-encoding").is_some() {
+                        raw.body = self.chunked().await;
+                    } else {
+                        let len: usize = raw.header("content-length").map_or(0, |v| v.parse().unwrap());
+                        while self.buf.len() < len {
+                            assert!(self.fill().await, "the connection closed inside a body");
+                        }
+                        raw.body = self.buf.drain(..len).collect();
+                    }
+                }
+                return Some(raw);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    async fn chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill().await);
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill().await);
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+            if size == 0 {
+                return body;
+            }
+        }
+    }
+
+    /// Whether the sidecar closed the connection (after what was read).
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: lane.test\r\n\r\n")
+}
+
+const CACHED: &str = "/app/cached/a?cc=public%2Cmax-age%3D60";
+
+#[tokio::test]
+async fn hits_misses_and_uploads_share_one_connection_in_order() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-order");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+
+    c.send(get(CACHED).as_bytes()).await;
+    let miss = c.response(false).await;
+    assert_eq!(miss.status, 200);
+    assert!(miss.header("cache-status").unwrap().contains("fwd=uri-miss"), "{miss:?}");
+
+    // Pipelined: a hit, an upload with a body (handed to hyper), a hit, a miss elsewhere.
+    let upload = "POST /count HTTP/1.1\r\nHost: lane.test\r\nContent-Length: 5\r\n\r\nhello";
+    c.send(format!("{}{upload}{}{}", get(CACHED), get(CACHED), get("/app/cached/b")).as_bytes()).await;
+    let hit = c.response(false).await;
+    let uploaded = c.response(false).await;
+    let hit2 = c.response(false).await;
+    let other = c.response(false).await;
+
+    assert_eq!(hit.status, 200);
+    assert!(hit.header("cache-status").unwrap().contains("hit"), "{hit:?}");
+    assert_eq!(hit.body, miss.body, "a hit serves the stored body");
+    assert_eq!(uploaded.status, 200);
+    assert_eq!(uploaded.body, b"5", "the app got the whole upload body, and nothing of the next request");
+    assert!(hit2.header("cache-status").unwrap().contains("hit"), "{hit2:?}");
+    assert_eq!(other.json()["path"], "/app/cached/b");
+    assert!(other.header("cache-status").unwrap().contains("miss"));
+    assert_eq!(up.hits("/app/cached/a"), 1, "one upstream request for the cached URL");
+    for r in [&miss, &hit, &uploaded, &hit2, &other] {
+        assert_eq!(r.header("x-request-id").map(str::len), Some(32), "{r:?}");
+    }
+    let ids: std::collections::HashSet<_> =
+        [&miss, &hit, &uploaded, &hit2].iter().map(|r| r.header("x-request-id")).collect();
+    assert_eq!(ids.len(), 4, "every response has its own request id");
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn a_lane_hit_is_the_hit_hyper_serves() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-parity");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    c.send(get(CACHED).as_bytes()).await;
+    c.response(false).await;
+
+    c.send(get(CACHED).as_bytes()).await;
+    let lane = c.response(false).await;
+    // The same request as HTTP/1.0 leaves the lane: hyper and the proxy answer it.
+    let mut h = Conn::open(&sc).await;
+    h.send(format!("GET {CACHED} HTTP/1.0\r\nHost: lane.test\r\n\r\n").as_bytes()).await;
+    let hyper = h.response(false).await;
+
+    let names = |r: &Raw| {
+        let mut v: Vec<String> = r
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .filter(|n| n != "connection" && n != "keep-alive")
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&lane), names(&hyper), "lane {lane:?}\nhyper {hyper:?}");
+    for name in ["content-type", "content-length", "cache-control", "etag", "date"] {
+        assert_eq!(lane.header(name), hyper.header(name), "{name}");
+    }
+    assert_eq!(lane.body, hyper.body);
+    assert!(lane.header("cache-status").unwrap().starts_with("ApiPolicy; hit; ttl="));
+    assert_eq!(up.hits("/app/cached/a"), 1);
+
+    // A client's request id is kept, and HEAD gets the head alone: the next answer is whole.
+    c.send(format!("HEAD {CACHED} HTTP/1.1\r\nHost: lane.test\r\nX-Request-Id: abc-123\r\n\r\n").as_bytes())
+        .await;
+    let head = c.response(true).await;
+    assert_eq!(head.header("x-request-id"), Some("abc-123"));
+    assert_eq!(head.header("content-length"), lane.header("content-length"));
+    c.send(get(CACHED).as_bytes()).await;
+    assert_eq!(c.response(false).await.body, lane.body);
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn compressed_conditional_and_client_cache_control_hits() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-forms");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    let path = "/app/cached/big?size=2000&etag=v1";
+    c.send(get(path).as_bytes()).await;
+    assert_eq!(c.response(false).await.status, 200);
+
+    // The first gzip'd hit compresses (hyper's path); the next comes from the lane, the same.
+    let gz = format!("GET {path} HTTP/1.1\r\nHost: lane.test\r\nAccept-Encoding: gzip\r\n\r\n");
+    c.send(gz.as_bytes()).await;
+    let first = c.response(false).await;
+    c.send(gz.as_bytes()).await;
+    let second = c.response(false).await;
+    assert_eq!(first.header("content-encoding"), Some("gzip"));
+    assert_eq!(second.header("content-encoding"), Some("gzip"));
+    assert_eq!(first.body, second.body);
+    assert_eq!(second.header("vary"), Some("accept-encoding"));
+
+    // Conditional and Cache-Control requests take the full path, on the same connection.
+    let etag = second.header("etag").unwrap().to_owned();
+    c.send(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: lane.test\r\nAccept-Encoding: gzip\r\nIf-None-Match: {etag}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.response(false).await.status, 304);
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: lane.test\r\nCache-Control: no-cache\r\n\r\n").as_bytes())
+        .await;
+    let revalidated = c.response(false).await;
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(up.hits("/app/cached/big"), 2, "no-cache went to the app; the rest were hits");
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn what_the_lane_cannot_frame_goes_to_hyper_for_good() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-leave");
+    let sc = lane_sidecar(&up, &dir).await;
+
+    // A chunked upload: hyper frames it, and answers the hit behind it too.
+    let mut c = Conn::open(&sc).await;
+    c.send(get(CACHED).as_bytes()).await;
+    c.response(false).await;
+    c.send(
+        format!(
+            "POST /count HTTP/1.1\r\nHost: lane.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n{}",
+            get(CACHED)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.response(false).await.body, b"7");
+    let hit = c.response(false).await;
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+
+    // Smuggling shapes are hyper's to judge, as without the lane: two lengths are refused;
+    // a length with Transfer-Encoding is framed by the chunks, and the connection closes after
+    // (RFC 9112 §6.3).
+    let before = up.count();
+    for bad in [
+        "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        "GET /app/cached/a HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ] {
+        let mut c = Conn::open(&sc).await;
+        c.send(bad.as_bytes()).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 400, "{bad:?}: {r:?}");
+    }
+    assert_eq!(up.count(), before);
+    let mut c = Conn::open(&sc).await;
+    c.send(format!("POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{}", get(CACHED)).as_bytes())
+        .await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, &r.body[..], r.header("connection")), (200, &b"0"[..], Some("close")));
+    assert!(c.closed().await, "the request behind it is not read");
+
+    // A head split over several writes is still read whole.
+    let mut c = Conn::open(&sc).await;
+    let req = get(CACHED);
+    for part in [&req[..5], &req[5..20], &req[20..]] {
+        c.send(part.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.response(false).await.header("cache-status").unwrap().contains("hit"));
+
+    // HTTP/2 with prior knowledge still works on a port with a cache.
+    // (Its authority is another host than the requests above: a key of its own.)
+    let h2 = h2_client();
+    for expected in ["miss", "hit"] {
+        let (status, headers, _) =
+            super::support::get(&h2, format!("http://{}{CACHED}", sc.proxy_addr)).await;
+        assert_eq!(status, 200);
+        assert!(headers["cache-status"].to_str().unwrap().contains(expected), "{headers:?}");
+    }
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn an_upload_answered_unread_ends_the_connection_cleanly() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-unread");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    // Over maxRequestBody: the sidecar answers 413 from the Content-Length, without reading.
+    let body = vec![b'x'; 4096];
+    let mut req = b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n".to_vec();
+    req.extend_from_slice(&body);
+    c.send(&req).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 413);
+    // The body's bytes must never be read as a request: either the connection is closed, or
+    // it carries on after the body.
+    let _ = c.stream.write_all(get(CACHED).as_bytes()).await;
+    let next = c.try_response(false).await;
+    if let Some(next) = &next {
+        assert_eq!(next.status, 200, "{next:?}");
+        assert_eq!(next.json()["path"], "/app/cached/a");
+    }
+    assert_eq!(up.count(), u64::from(next.is_some()), "nothing of the body reached the app as a request");
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn lane_hits_are_counted_like_any_other() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-metrics");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    c.send(get(CACHED).as_bytes()).await;
+    c.response(false).await;
+    for _ in 0..5 {
+        c.send(get(CACHED).as_bytes()).await;
+        assert_eq!(c.response(false).await.status, 200);
+    }
+    // A rate-limited cached route is answered by the proxy (the limit applies), hits included.
+    let limited = "/app/limited/x?cc=public%2Cmax-age%3D60";
+    for _ in 0..3 {
+        c.send(get(limited).as_bytes()).await;
+        let r = c.response(false).await;
+        assert!(r.header("ratelimit-policy").is_some() || r.header("ratelimit").is_some(), "{r:?}");
+    }
+    let metrics = reqwest_metrics(&sc).await;
+    assert_eq!(
+        metric(&metrics, r#"apipolicy_cache_lookups_total{result="hit",route="cached"}"#),
+        Some(5.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"apipolicy_requests_total{code="200",method="GET",route="cached"}"#),
+        Some(6.0),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, r#"apipolicy_cache_lookups_total{result="hit",route="limited"}"#), Some(2.0));
+    assert_eq!(up.hits("/app/cached/a"), 1);
+    assert_eq!(up.hits("/app/limited/x"), 1);
+    sc.shutdown();
+}
+
+async fn reqwest_metrics(sc: &Handle) -> String {
+    let (_, _, body) = super::support::get(&client(), format!("http://{}/metrics", sc.admin_addr)).await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn idle_lane_connections_close_at_shutdown() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-shutdown");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    c.send(get(CACHED).as_bytes()).await;
+    c.response(false).await;
+    let started = std::time::Instant::now();
+    sc.shutdown();
+    assert!(c.closed().await, "the idle connection was closed");
+    tokio::time::timeout(Duration::from_secs(5), sc.wait()).await.expect("the sidecar stopped");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
