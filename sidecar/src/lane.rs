@@ -20,12 +20,16 @@ use std::{
     io::{self, IoSlice},
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
 };
 
 use bytes::{Buf, Bytes};
+use futures::task::AtomicWaker;
 use http::Method;
 use hyper_util::{rt::TokioIo, server::graceful::Watcher};
 use tokio::{
@@ -35,6 +39,7 @@ use tokio::{
 };
 
 use crate::{
+    body::ProxyBody,
     headers::Raw,
     proxy::{LaneAnswer, LaneRequest},
     server::Conns,
@@ -80,13 +85,24 @@ pub async fn serve(
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
     // One future for the whole connection: made per wait, it would cost more than a hit.
+    let closed_rx = closing.clone();
     let closed = closed(closing);
     tokio::pin!(closed);
+    // How much of a partial head was parsed already: it is parsed again only once bytes that
+    // may end it arrive (as hyper does), so a head sent byte by byte costs linear time.
+    let mut partial = 0;
     loop {
-        match step(&conns, buf.data()) {
+        let now = if partial > 0 && !may_end_head(buf.data(), partial) {
+            Step::Read
+        } else {
+            step(&conns, buf.data())
+        };
+        partial = 0;
+        match now {
             Step::Read => {
+                partial = buf.len();
                 if buf.len() >= HEAD_LIMIT {
-                    return leave(&conns, stream, buf.data(), peer, watcher).await;
+                    return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await;
                 }
                 let idle = buf.is_empty();
                 tokio::select! {
@@ -116,6 +132,11 @@ pub async fn serve(
                 }
                 out.extend_from_slice(b"x-request-id: ");
                 out.extend_from_slice(id.as_bytes());
+                // Shutting down: the client is told this is the connection's last answer.
+                let last = *closed_rx.borrow();
+                if last {
+                    out.extend_from_slice(b"\r\nconnection: close");
+                }
                 out.extend_from_slice(b"\r\n\r\n");
                 let body = if head_only { &[][..] } else { &hit.body[..] };
                 let written = if body.len() <= COPY_BODY {
@@ -125,7 +146,7 @@ pub async fn serve(
                     write_all_vectored(&mut stream, &out, body).await
                 };
                 finish.done(if written.is_ok() { body.len() as u64 } else { 0 });
-                if written.is_err() {
+                if written.is_err() || last {
                     return;
                 }
                 waiting_since = Instant::now();
@@ -133,22 +154,56 @@ pub async fn serve(
             Step::Hand { head_len, body_len } => {
                 handovers += 1;
                 if handovers >= HANDOVERS_TO_LEAVE {
-                    return leave(&conns, stream, buf.data(), peer, watcher).await;
+                    return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await;
                 }
                 let buffered = (buf.len() - head_len).min(usize::try_from(body_len).unwrap_or(usize::MAX));
                 let pending = Bytes::copy_from_slice(&buf.data()[..head_len + buffered]);
                 buf.consume(head_len + buffered);
-                let io = OneRequest { stream, pending, remaining: body_len - buffered as u64 };
-                let conn = conns.one.serve_connection(
-                    TokioIo::new(io),
-                    crate::server::proxy_service(conns.sidecar.clone(), peer),
-                );
-                match conn.without_shutdown().await {
-                    Ok(parts) => {
+                let signal = Arc::new(Signal::default());
+                let io = OneRequest {
+                    stream,
+                    pending,
+                    remaining: body_len - buffered as u64,
+                    signal: signal.clone(),
+                    answered: false,
+                    ended: false,
+                };
+                let mut conn = conns
+                    .one
+                    .serve_connection(TokioIo::new(io), signalled_service(&conns, peer, signal.clone()));
+                // hyper's own end (not `without_shutdown`): it flushes all it wrote before it
+                // shuts the socket, which `OneRequest` turns into a no-op.
+                let mut told = false;
+                let served = std::future::poll_fn(|cx| {
+                    let polled = Pin::new(&mut conn).poll(cx);
+                    // Shutting down: hyper answers with `Connection: close`. It is told only
+                    // once it has the request: told before, it would drop it unanswered.
+                    if polled.is_pending()
+                        && !told
+                        && signal.taken.load(Ordering::Acquire)
+                        && closed.as_mut().poll(cx).is_ready()
+                    {
+                        told = true;
+                        Pin::new(&mut conn).graceful_shutdown();
+                        return Pin::new(&mut conn).poll(cx);
+                    }
+                    polled
+                })
+                .await;
+                match served {
+                    Ok(()) => {
+                        let parts = conn.into_parts();
                         let io = parts.io.into_inner();
-                        // hyper left part of the body unread (it answered without it): the
-                        // next request's start is unknown, so the connection ends here.
-                        if !parts.read_buf.is_empty() || !io.pending.is_empty() || io.remaining > 0 {
+                        // The socket goes on only after hyper found the input's end while
+                        // idle, with the request read whole: not after an answer that left
+                        // part of the body unread (the next request's start is unknown), nor
+                        // when hyper closed the connection itself.
+                        if told
+                            || !io.ended
+                            || !parts.read_buf.is_empty()
+                            || !io.pending.is_empty()
+                            || io.remaining > 0
+                        {
                             return;
                         }
                         stream = io.stream;
@@ -160,7 +215,7 @@ pub async fn serve(
                 }
                 waiting_since = Instant::now();
             }
-            Step::Leave => return leave(&conns, stream, buf.data(), peer, watcher).await,
+            Step::Leave => return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await,
         }
     }
 }
@@ -172,8 +227,16 @@ async fn closed(mut closing: watch::Receiver<bool>) {
 }
 
 /// Hands the connection to hyper for good, with the bytes read and not answered.
-async fn leave(conns: &Conns, stream: TcpStream, read: &[u8], peer: SocketAddr, watcher: Watcher) {
-    let io = Prefixed { pending: Bytes::copy_from_slice(read), stream };
+async fn leave(
+    conns: &Conns,
+    stream: TcpStream,
+    read: &[u8],
+    peer: SocketAddr,
+    watcher: Watcher,
+    closing: &watch::Receiver<bool>,
+) {
+    let taken = Arc::new(AtomicBool::new(read.is_empty()));
+    let io = Prefixed { pending: Bytes::copy_from_slice(read), stream, taken: taken.clone() };
     let conn = conns
         .auto
         .serve_connection_with_upgrades(
@@ -181,8 +244,98 @@ async fn leave(conns: &Conns, stream: TcpStream, read: &[u8], peer: SocketAddr, 
             crate::server::proxy_service(conns.sidecar.clone(), peer),
         )
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let ended = if *closing.borrow() {
+        // Shutting down already: hyper's graceful shutdown before it has read the request the
+        // lane passes on would drop that request unanswered. It is asked once hyper has the
+        // bytes (it then answers with `Connection: close`); the watcher is kept to the end, so
+        // the sidecar waits for this connection as for any other.
+        let mut conn = std::pin::pin!(conn);
+        let mut asked = false;
+        let ended = std::future::poll_fn(|cx| {
+            let polled = conn.as_mut().poll(cx);
+            if polled.is_pending() && !asked && taken.load(Ordering::Acquire) {
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+                return conn.as_mut().poll(cx);
+            }
+            polled
+        })
+        .await;
+        drop(watcher);
+        ended
+    } else {
+        watcher.watch(conn).await
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The proxy service for one handed-over request: its response body tells the socket
+/// wrapper when it is done ([`Signal`]).
+fn signalled_service(
+    conns: &Conns,
+    peer: SocketAddr,
+    signal: Arc<Signal>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<Signalled>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<hyper::Response<Signalled>, std::convert::Infallible>> + Send,
+> {
+    let sidecar = conns.sidecar.clone();
+    hyper::service::service_fn(move |req| {
+        let (sidecar, signal) = (sidecar.clone(), signal.clone());
+        async move {
+            let resp = sidecar.proxy.handle(req, peer).await;
+            Ok(resp.map(|body| Signalled { body, signal }))
+        }
+    })
+}
+
+/// Between a handed-over request's response body and its socket wrapper: set when hyper is
+/// done with the body (it drops it after its last frame, or on an error).
+#[derive(Default)]
+struct Signal {
+    /// hyper has read the bytes the lane had (the request's head at least).
+    taken: AtomicBool,
+    body_done: AtomicBool,
+    reader: AtomicWaker,
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that sets [`Signal::body_done`] when dropped.
+    struct Signalled {
+        #[pin]
+        body: ProxyBody,
+        signal: Arc<Signal>,
+    }
+
+    impl PinnedDrop for Signalled {
+        fn drop(this: Pin<&mut Self>) {
+            this.signal.body_done.store(true, Ordering::Release);
+            this.signal.reader.wake();
+        }
+    }
+}
+
+impl http_body::Body for Signalled {
+    type Data = Bytes;
+    type Error = <ProxyBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -236,6 +389,13 @@ fn step(conns: &Conns, data: &[u8]) -> Step {
         Some(answer) => Step::Hit { head_len, answer: Box::new(answer), head_only: method == Method::HEAD },
         None => Step::Hand { head_len, body_len },
     }
+}
+
+/// Whether the bytes after the first `parsed` (and the three before, where an end may start)
+/// hold an end of head: a blank line, CRLF or bare LF as httparse accepts.
+fn may_end_head(data: &[u8], parsed: usize) -> bool {
+    let from = parsed.saturating_sub(3);
+    data[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r")
 }
 
 /// A `Content-Length` of digits only (what hyper also accepts, less its rare list forms).
@@ -354,12 +514,20 @@ impl Buffer {
 }
 
 /// The socket for one request handed to hyper: the request's bytes read already, then at
-/// most `remaining` more (the rest of its body), then end of input. hyper answers it, finds
-/// the input ended while idle, and gives the socket back ([`hyper::server::conn::http1::Connection::without_shutdown`]).
+/// most `remaining` more (the rest of its body). Past those, reads wait, watching the client
+/// (a client that closes ends the request, as on a plain hyper connection), until the answer
+/// is out: hyper's response body is done and hyper has flushed (it flushes the socket only
+/// with its own buffer empty). Then the input ends: hyper, idle, finds the end and gives the
+/// socket back ([`hyper::server::conn::http1::Connection::without_shutdown`]).
 struct OneRequest {
     stream: TcpStream,
     pending: Bytes,
     remaining: u64,
+    signal: Arc<Signal>,
+    /// The response is written whole.
+    answered: bool,
+    /// hyper was given the input's end after the answer.
+    ended: bool,
 }
 
 impl AsyncRead for OneRequest {
@@ -373,25 +541,79 @@ impl AsyncRead for OneRequest {
             let n = this.pending.len().min(buf.remaining());
             buf.put_slice(&this.pending[..n]);
             this.pending.advance(n);
+            if this.pending.is_empty() {
+                this.signal.taken.store(true, Ordering::Release);
+            }
             return Poll::Ready(Ok(()));
         }
-        if this.remaining == 0 {
+        if this.remaining > 0 {
+            let max = usize::try_from(this.remaining).unwrap_or(usize::MAX).min(buf.remaining());
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(max));
+            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut limited))?;
+            let n = limited.filled().len();
+            buf.advance(n);
+            this.remaining -= n as u64;
             return Poll::Ready(Ok(()));
         }
-        let max = usize::try_from(this.remaining).unwrap_or(usize::MAX).min(buf.remaining());
-        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(max));
-        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut limited))?;
-        let n = limited.filled().len();
-        buf.advance(n);
-        this.remaining -= n as u64;
+        if this.answered {
+            this.ended = true;
+            return Poll::Ready(Ok(()));
+        }
+        this.signal.reader.register(cx.waker());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        match this.stream.poll_peek(cx, &mut probe) {
+            // The client closed: hyper sees the input end in the middle of its request.
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The next request is there already: it waits for this one's answer (the signal
+            // wakes this reader).
+            Poll::Ready(Ok(_)) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for OneRequest {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
+        // hyper flushes the socket once its buffer is written out: after the body is done,
+        // that is the whole answer.
+        if !this.answered && this.signal.body_done.load(Ordering::Acquire) {
+            this.answered = true;
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// hyper's end of the connection, its output flushed: the lane decides what comes next.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
-/// The socket handed to hyper for good, with the bytes the lane read first.
+/// The socket handed to hyper for good, with the bytes the lane read first (`taken` once
+/// hyper has them all).
 struct Prefixed {
     pending: Bytes,
     stream: TcpStream,
+    taken: Arc<AtomicBool>,
 }
 
 impl AsyncRead for Prefixed {
@@ -405,13 +627,16 @@ impl AsyncRead for Prefixed {
             let n = this.pending.len().min(buf.remaining());
             buf.put_slice(&this.pending[..n]);
             this.pending.advance(n);
+            if this.pending.is_empty() {
+                this.taken.store(true, Ordering::Release);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
-/// Writes go straight to the socket, for both wrappers.
+/// Writes go straight to the socket.
 macro_rules! write_through {
     ($t:ty) => {
         impl AsyncWrite for $t {
@@ -446,7 +671,6 @@ macro_rules! write_through {
     };
 }
 
-write_through!(OneRequest);
 write_through!(Prefixed);
 
 /// How long the lane waits for a complete head, as hyper's `header_read_timeout`.

@@ -69,6 +69,7 @@ impl Proxy {
             upstream_ms: None,
             holds_slot: false,
             policy_answer: false,
+            counted: true,
             active: active.clone(),
         };
         let route = &active.routes[index];
@@ -193,6 +194,7 @@ impl Proxy {
             upstream_ms: None,
             holds_slot: false,
             policy_answer: false,
+            counted: true,
             active,
         };
         Some(LaneAnswer { hit, id, finish })
@@ -574,7 +576,25 @@ pub struct Finish {
     /// The sidecar answered because the policy worked as meant (429, shedding): SLOs leave
     /// such requests out.
     policy_answer: bool,
+    /// A client's request, counted in flight until [`Finish::done`] (or until dropped: a
+    /// request whose client went away before its answer began).
+    counted: bool,
     active: Arc<Active>,
+}
+
+impl Drop for Finish {
+    /// A request dropped before its answer began (its client went away, and hyper dropped the
+    /// handler): it gives back its `maxInFlight` slot and its place in flight, and counts as
+    /// 499 (nginx's "client closed request"), left out of SLOs like the policy's own answers.
+    fn drop(&mut self) {
+        self.release();
+        if std::mem::take(&mut self.counted) {
+            let route = &self.active.routes[self.route];
+            route.metrics.request_duration.observe(self.start.elapsed().as_secs_f64());
+            route.metrics.count(&self.method, 499);
+            self.active.in_flight.dec();
+        }
+    }
 }
 
 impl Finish {
@@ -595,6 +615,7 @@ impl Finish {
             upstream_ms: None,
             holds_slot: false,
             policy_answer: false,
+            counted: false,
             active,
         }
     }
@@ -609,6 +630,7 @@ impl Finish {
 
     pub fn done(mut self, bytes: u64) {
         self.release();
+        self.counted = false;
         let elapsed = self.start.elapsed();
         let route = &self.active.routes[self.route];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());

@@ -262,8 +262,7 @@ pub struct Conns {
     pub sidecar: Arc<Sidecar>,
     /// For whole connections: HTTP/1.1 or HTTP/2, with upgrades.
     pub auto: auto::Builder<TokioExecutor>,
-    /// For one request the cache-hit lane hands over ([`crate::lane`]): hyper must not read
-    /// past the request's end while it answers (`half_close`), and gives the socket back.
+    /// For one request the cache-hit lane hands over ([`crate::lane`]); it gives the socket back.
     pub one: hyper::server::conn::http1::Builder,
     pub header_read_timeout: Duration,
 }
@@ -275,10 +274,7 @@ impl Conns {
         auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
         auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
         let mut one = hyper::server::conn::http1::Builder::new();
-        one.timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .keep_alive(true)
-            .half_close(true);
+        one.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
         Self { sidecar, auto, one, header_read_timeout }
     }
 }

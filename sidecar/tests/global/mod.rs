@@ -220,8 +220,14 @@ async fn three_sidecars_share_one_limit_through_a_redis_cluster() {
         let _ = send(&client(), req).await;
         let active =
             scs.iter().all(|s| s.sidecar.proxy.active.load().redis.as_ref().is_some_and(|r| r.cluster));
-        let ping = scs[0].sidecar.proxy.active.load().redis.clone().unwrap();
-        if active && ping.ping().await.is_ok() {
+        // Every sidecar's own connection, not only the first's: one still connecting would
+        // fail closed (503) under the hammer below.
+        let mut reached = active;
+        for s in &scs {
+            let store = s.sidecar.proxy.active.load().redis.clone();
+            reached = reached && matches!(store, Some(r) if r.ping().await.is_ok());
+        }
+        if reached {
             break;
         }
         assert!(Instant::now() < deadline, "the sidecars did not reach the cluster");
