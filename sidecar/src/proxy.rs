@@ -306,6 +306,9 @@ pub(crate) fn prepare(
     }
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    // Room for the three headers added below at once (a map sized to the request grows at
+    // each insert otherwise).
+    parts.headers.reserve(3);
     append_forwarded(&mut parts.headers, peer);
     parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
     Ok(())
