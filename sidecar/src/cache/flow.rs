@@ -385,15 +385,9 @@ async fn respond(
 ) -> Response<ProxyBody> {
     let mut body = e.body.clone();
     let mut encoding = None;
-    let compressible = route.compression.as_ref().filter(|config| {
-        e.compressible_on(active.generation, route.index, || {
-            compress::compressible(e.status, &e.headers, config)
-        })
-    });
-    if let Some(config) = compressible
-        && body.len() as u64 >= config.min_size
-        && let Some(enc) = compress::negotiate(request.get(header::ACCEPT_ENCODING), &config.algorithms)
-    {
+    let accept = request.get(header::ACCEPT_ENCODING).map(HeaderValue::as_bytes);
+    let (compressible, wanted) = compression_for(active, route, e, accept);
+    if let Some(enc) = wanted {
         let packed = match e.encoded(enc) {
             Some(b) => Some(b),
             // Once per entry and encoding; boxed, so that the hit path's future stays small.
@@ -432,6 +426,25 @@ async fn respond(
     *resp.status_mut() = e.status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// Whether the route compresses entry `e` (its config), and the encoding a client accepting
+/// `accept` gets (when the body is big enough for the route and the client takes one).
+fn compression_for<'r>(
+    active: &Active,
+    route: &'r RouteRuntime,
+    e: &Entry,
+    accept: Option<&[u8]>,
+) -> (Option<&'r apipolicy_api::CompressionConfig>, Option<apipolicy_api::Encoding>) {
+    let compressible = route.compression.as_ref().filter(|config| {
+        e.compressible_on(active.generation, route.index, || {
+            compress::compressible(e.status, &e.headers, config)
+        })
+    });
+    let wanted = compressible
+        .filter(|config| e.body.len() as u64 >= config.min_size)
+        .and_then(|config| compress::negotiate_bytes(accept, &config.algorithms));
+    (compressible, wanted)
 }
 
 /// The head of a plain hit on `e`, in `encoding`, at this Age and TTL.
@@ -498,16 +511,8 @@ pub fn lane_hit(
     }
     let mut body = e.body.clone();
     let mut encoding = None;
-    let compressible = route.compression.as_ref().filter(|config| {
-        e.compressible_on(active.generation, route.index, || {
-            compress::compressible(e.status, &e.headers, config)
-        })
-    });
-    if let Some(config) = compressible
-        && body.len() as u64 >= config.min_size
-        && let Some(enc) =
-            compress::negotiate_bytes(headers.first(&header::ACCEPT_ENCODING), &config.algorithms)
-    {
+    let (compressible, wanted) = compression_for(active, route, &e, headers.first(&header::ACCEPT_ENCODING));
+    if let Some(enc) = wanted {
         body = e.encoded(enc)?;
         encoding = Some(enc);
     }
