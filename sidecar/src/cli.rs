@@ -85,6 +85,10 @@ pub struct Tuning {
     /// Write a JSON access log line per request to stdout.
     #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// Answer plain cache hits on HTTP/1.1 connections from the parsed request bytes (the
+    /// cache-hit lane); `false` sends every request through hyper.
+    #[arg(long, env = "APIPOLICY_HIT_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hit_lane: bool,
     /// The most the response cache holds (a Kubernetes quantity: 64Mi, 1Gi).
     #[arg(long, env = "APIPOLICY_CACHE_SIZE", default_value = "64Mi", value_parser = size)]
     pub cache_size: u64,
@@ -132,6 +136,7 @@ impl Tuning {
             drain_delay: self.drain_delay,
             shutdown_timeout: self.shutdown_timeout,
             access_log: self.access_log,
+            hit_lane: self.hit_lane,
             replicas: self.replicas,
             redis: None,
             operator: None,

@@ -51,6 +51,8 @@ pub struct Options {
     pub operator: Option<AgentOptions>,
     /// The most bytes the response cache holds.
     pub cache_bytes: u64,
+    /// Whether plain cache hits on HTTP/1.1 are answered by the lane ([`crate::lane`]).
+    pub hit_lane: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +212,7 @@ async fn run(
                 open.inc();
                 // With a cache in the config, connections start in the cache-hit lane;
                 // without one, the lane would only hand every request over.
-                if sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
+                if sidecar.options.hit_lane && sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
                     let lane = crate::lane::serve(conns.clone(), stream, peer, graceful.watcher(), closing_rx.clone());
                     tokio::spawn(async move {
                         lane.await;

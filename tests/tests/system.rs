@@ -25,6 +25,7 @@ fn options(policy: std::path::PathBuf) -> Options {
         redis: None,
         operator: None,
         cache_bytes: 1 << 20,
+        hit_lane: true,
     }
 }
 

@@ -545,3 +545,62 @@ async fn an_answer_that_leaves_the_upload_unread_is_flushed_whole_first() {
     assert_eq!(next.json()["path"], "/app/cached/a");
     sc.shutdown();
 }
+
+#[tokio::test]
+async fn oversized_and_crowded_heads_get_hypers_answers() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-big-heads");
+    let sc = lane_sidecar(&up, &dir).await;
+    let mut c = Conn::open(&sc).await;
+    c.send(get(CACHED).as_bytes()).await;
+    let stored = c.response(false).await;
+
+    // 80 headers: more than the lane's 64 slots, fewer than hyper's 100: hyper answers it (a
+    // hit, on the connection hyper now has for good).
+    let mut crowded = format!("GET {CACHED} HTTP/1.1\r\nHost: lane.test\r\n");
+    for i in 0..80 {
+        crowded.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+    }
+    crowded.push_str("\r\n");
+    c.send(crowded.as_bytes()).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, &r.body), (200, &stored.body));
+    assert!(r.header("cache-status").unwrap().contains("hit"));
+
+    // A head past the lane's 64 KiB, but within hyper's limits, is hyper's to read too.
+    let mut c = Conn::open(&sc).await;
+    let big = format!("GET {CACHED} HTTP/1.1\r\nHost: lane.test\r\nX-Big: {}\r\n\r\n", "b".repeat(70 * 1024));
+    c.send(big.as_bytes()).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, &r.body), (200, &stored.body));
+
+    // One past hyper's limits is refused, and nothing reaches the app.
+    let before = up.count();
+    let mut c = Conn::open(&sc).await;
+    let huge =
+        format!("GET {CACHED} HTTP/1.1\r\nHost: lane.test\r\nX-Huge: {}\r\n\r\n", "h".repeat(1024 * 1024));
+    let _ = c.stream.write_all(huge.as_bytes()).await;
+    if let Some(r) = c.try_response(false).await {
+        assert_eq!(r.status, 431, "{r:?}");
+    }
+    assert_eq!(up.count(), before);
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn with_the_lane_off_hyper_answers_the_same() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-off");
+    let mut opts = options(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
+    opts.hit_lane = false;
+    let sc = start(opts).await.unwrap();
+    let mut c = Conn::open(&sc).await;
+    c.send(format!("{}{}", get(CACHED), get(CACHED)).as_bytes()).await;
+    let miss = c.response(false).await;
+    let hit = c.response(false).await;
+    assert!(miss.header("cache-status").unwrap().contains("miss"));
+    assert!(hit.header("cache-status").unwrap().starts_with("ApiPolicy; hit; ttl="));
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(up.hits("/app/cached/a"), 1);
+    sc.shutdown();
+}

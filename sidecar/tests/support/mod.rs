@@ -323,6 +323,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         redis: None,
         operator: None,
         cache_bytes: 16 << 20,
+        hit_lane: true,
     }
 }
 
