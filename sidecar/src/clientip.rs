@@ -4,8 +4,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
 use ipnet::IpNet;
+
+use crate::headers::{RequestHeaders, text};
 
 static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
@@ -35,15 +36,15 @@ impl TrustedProxies {
         self.0.iter().any(|net| net.contains(&ip))
     }
 
-    pub fn client<'a>(&self, peer: SocketAddr, headers: &'a HeaderMap) -> Client<'a> {
+    pub fn client<'a>(&self, peer: SocketAddr, headers: &'a impl RequestHeaders) -> Client<'a> {
         let peer = peer.ip().to_canonical();
         if !self.trusts(peer) {
             return Client::Ip(peer);
         }
         let mut leftmost = Client::Ip(peer);
         // The last header line holds the right-most entries.
-        for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-            let Ok(text) = value.to_str() else { return Client::Raw("") };
+        for value in headers.all(&X_FORWARDED_FOR).rev() {
+            let Some(text) = text(value) else { return Client::Raw("") };
             for entry in text.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
                 match parse(entry) {
                     Some(ip) if self.trusts(ip) => leftmost = Client::Ip(ip),
@@ -67,6 +68,8 @@ fn parse(entry: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use http::HeaderMap;
 
     fn headers(xff: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

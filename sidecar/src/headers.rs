@@ -9,6 +9,17 @@ pub trait RequestHeaders {
     fn first(&self, name: &HeaderName) -> Option<&[u8]>;
     /// Whether any value of `name` is exactly `value`.
     fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool;
+    /// Every value of `name`, in order.
+    fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]>;
+}
+
+/// A value as text, as `HeaderValue::to_str` reads it: `None` unless visible ASCII (or tab).
+pub fn text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
 }
 
 impl RequestHeaders for HeaderMap {
@@ -18,6 +29,10 @@ impl RequestHeaders for HeaderMap {
 
     fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool {
         self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    }
+
+    fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
+        self.get_all(name).into_iter().map(|v| v.as_bytes())
     }
 }
 
@@ -36,6 +51,11 @@ impl RequestHeaders for Raw<'_> {
     fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool {
         let name = name.as_str().as_bytes();
         self.0.iter().any(|h| h.name.as_bytes().eq_ignore_ascii_case(name) && h.value == value)
+    }
+
+    fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
+        let name = name.as_str().as_bytes();
+        self.0.iter().filter(move |h| h.name.as_bytes().eq_ignore_ascii_case(name)).map(|h| h.value)
     }
 }
 
@@ -59,6 +79,8 @@ mod tests {
         let raw = Raw(&raw);
         for name in [header::HOST, header::ACCEPT, header::RANGE] {
             assert_eq!(raw.first(&name), map.first(&name), "{name}");
+            assert!(raw.all(&name).eq(map.all(&name)), "{name}");
+            assert!(raw.all(&name).rev().eq(map.all(&name).rev()), "{name}");
             for value in [&b"a.example"[..], b"application/json", b"text/html", b""] {
                 assert_eq!(raw.any_is(&name, value), map.any_is(&name, value), "{name} {value:?}");
             }

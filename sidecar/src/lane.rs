@@ -3,8 +3,9 @@
 //! ready head, without hyper building a request and a response (about half the CPU of a hit).
 //!
 //! The lane answers one kind of request only: an HTTP/1.1 GET or HEAD in origin form, without
-//! a body or `Connection`/`Upgrade`/`Expect` header, whose route has a cache and no rate
-//! limit, and which [`crate::proxy::Proxy::lane_hit`] finds a plain fresh hit for. Anything
+//! a body or `Connection`/`Upgrade`/`Expect` header, whose route has a cache and no `Global`
+//! rate limit, and which [`crate::proxy::Proxy::lane_hit`] finds a plain fresh hit for (a
+//! limit kept in the pod is applied there, its refusal written here). Anything
 //! else goes to hyper and [`crate::proxy::Proxy::handle`], which judge every case:
 //! - a request whose extent is known (no `Transfer-Encoding`, one plain `Content-Length` or
 //!   none) is handed over alone: hyper reads exactly its bytes, answers it, and gives the
@@ -120,7 +121,7 @@ pub async fn serve(
         let now = if partial > 0 && !may_end_head(buf.data(), partial) {
             Step::Read
         } else {
-            step(&conns, buf.data())
+            step(&conns, buf.data(), peer)
         };
         partial = 0;
         match now {
@@ -149,21 +150,30 @@ pub async fn serve(
             Step::Hit { head_len, answer, head_only } => {
                 buf.consume(head_len);
                 worth.hit();
-                let LaneAnswer { hit, id, finish } = *answer;
-                out.clear();
-                out.extend_from_slice(&hit.head.wire);
-                if !hit.head.dated {
-                    date_line(&mut out);
-                }
-                out.extend_from_slice(b"x-request-id: ");
-                out.extend_from_slice(id.as_bytes());
                 // Shutting down: the client is told this is the connection's last answer.
                 let last = *closed_rx.borrow();
+                out.clear();
+                let (finish, body) = match *answer {
+                    LaneAnswer::Hit { hit, id, limit, finish } => {
+                        out.extend_from_slice(&hit.head.wire);
+                        if !hit.head.dated {
+                            date_line(&mut out);
+                        }
+                        if let Some(limit) = &limit {
+                            limit.lines(&mut out);
+                        }
+                        out.extend_from_slice(b"x-request-id: ");
+                        out.extend_from_slice(id.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                        (finish, hit.body)
+                    }
+                    LaneAnswer::Refused { response, finish } => (finish, refusal(response, &mut out)),
+                };
                 if last {
-                    out.extend_from_slice(b"\r\nconnection: close");
+                    out.extend_from_slice(b"connection: close\r\n");
                 }
-                out.extend_from_slice(b"\r\n\r\n");
-                let body = if head_only { &[][..] } else { &hit.body[..] };
+                out.extend_from_slice(b"\r\n");
+                let body = if head_only { &[][..] } else { &body[..] };
                 let written = if body.len() <= COPY_BODY {
                     out.extend_from_slice(body);
                     stream.write_all(&out).await
@@ -364,7 +374,7 @@ impl http_body::Body for Signalled {
 }
 
 /// Parses the head at the front of `data` and decides who answers it.
-fn step(conns: &Conns, data: &[u8]) -> Step {
+fn step(conns: &Conns, data: &[u8], peer: SocketAddr) -> Step {
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(data, &mut slots) {
@@ -408,11 +418,40 @@ fn step(conns: &Conns, data: &[u8]) -> Step {
     if body_len > 0 || !plain_target(target) {
         return Step::Hand { head_len, body_len };
     }
-    let request = LaneRequest { method, target, headers: Raw(req.headers) };
+    let request = LaneRequest { peer, method, target, headers: Raw(req.headers) };
     match conns.sidecar.proxy.lane_hit(&request) {
         Some(answer) => Step::Hit { head_len, answer: Box::new(answer), head_only: method == Method::HEAD },
         None => Step::Hand { head_len, body_len },
     }
+}
+
+/// The head lines (status, headers, `Content-Length`, `Date`) of a response the sidecar made
+/// itself (a limit's refusal: a problem+json body, whole), and its body.
+fn refusal(response: hyper::Response<ProxyBody>, out: &mut Vec<u8>) -> Bytes {
+    let (parts, body) = response.into_parts();
+    let mut body = std::pin::pin!(body);
+    // A body the sidecar made is whole already: its one frame is ready at once.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let bytes = match http_body::Body::poll_frame(body.as_mut(), &mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(bytes.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    date_line(out);
+    bytes
 }
 
 /// Whether the bytes after the first `parsed` (and the three before, where an end may start)

@@ -136,24 +136,35 @@ impl Proxy {
 /// A request head as the cache-hit lane ([`crate::lane`]) parsed it: an HTTP/1.1 GET or HEAD in
 /// origin form, without a body.
 pub struct LaneRequest<'a> {
+    pub peer: SocketAddr,
     pub method: &'a Method,
     /// The request target: `path[?query]`.
     pub target: &'a str,
     pub headers: Raw<'a>,
 }
 
-/// What the lane writes for a hit, and what it records once written.
-pub struct LaneAnswer {
-    pub hit: crate::cache::flow::LaneHit,
-    pub id: HeaderValue,
-    pub finish: Finish,
+/// What the lane writes, and what it records once written: a hit (with the route's limit
+/// headers), or the limit's refusal.
+pub enum LaneAnswer {
+    Hit {
+        hit: crate::cache::flow::LaneHit,
+        id: HeaderValue,
+        limit: Option<crate::ratelimit::Applied>,
+        finish: Finish,
+    },
+    Refused {
+        response: Response<ProxyBody>,
+        finish: Finish,
+    },
 }
 
 impl Proxy {
     /// Answers a plain hit for the lane, doing what [`Proxy::handle`] does for it (request
-    /// id, route, cache hit, metrics, SLOs and access log through [`Finish`]); `None` when the
-    /// request needs more than that (a rate limit, a miss, a conditional, a `Cache-Control`
-    /// of the client's…): the lane hands it to hyper and [`Proxy::handle`].
+    /// id, route, a limit kept in this pod, cache hit, metrics, SLOs and access log through
+    /// [`Finish`]); `None` when the request needs more than that (a miss, a `Global` limit, a
+    /// conditional, a `Cache-Control` of the client's…): the lane hands it to hyper and
+    /// [`Proxy::handle`]. The limit is asked only once the hit is certain, so that a request
+    /// handed over is never counted twice.
     pub fn lane_hit(&self, req: &LaneRequest<'_>) -> Option<LaneAnswer> {
         let start = Instant::now();
         let active = self.active.load_full();
@@ -163,7 +174,7 @@ impl Proxy {
         };
         let index = active.router.route(req.method, path, &req.headers);
         let route = &active.routes[index];
-        if route.limiter.is_some() || route.cache.is_none() {
+        if route.cache.is_none() || route.limiter.as_ref().is_some_and(|l| l.is_global()) {
             return None;
         }
         let asks = crate::cache::Asks::of_raw(req.headers.0);
@@ -177,10 +188,13 @@ impl Proxy {
             .filter(|h| h.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
             .unwrap_or_default();
         let hit = crate::cache::flow::lane_hit(&active, route, &req.headers, asks, (host, path, query))?;
+        if route.limiter.is_some() && hit.head.limit_headers {
+            return None;
+        }
         let id = self.ids.for_raw(req.headers.first(&X_REQUEST_ID));
         active.in_flight.inc();
         let log = active.access_log;
-        let finish = Finish {
+        let mut finish = Finish {
             method: req.method.clone(),
             path: if log {
                 PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
@@ -195,9 +209,23 @@ impl Proxy {
             holds_slot: false,
             policy_answer: false,
             counted: true,
-            active,
+            active: active.clone(),
         };
-        Some(LaneAnswer { hit, id, finish })
+        let limit =
+            match route.limiter.as_ref().and_then(|l| l.check_local(&req.headers, req.peer, &active.trusted))
+            {
+                None => None,
+                Some(Ok(applied)) => applied,
+                Some(Err(e)) => {
+                    finish.policy_answer = e.is_policy();
+                    let mut response = e.into_response(&id);
+                    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+                    finish.status = response.status().as_u16();
+                    return Some(LaneAnswer::Refused { response, finish });
+                }
+            };
+        route.cache_lookups.hit.inc();
+        Some(LaneAnswer::Hit { hit, id, limit, finish })
     }
 }
 

@@ -488,7 +488,7 @@ pub struct LaneHit {
     pub body: Bytes,
 }
 
-/// The lane's hit: a plain GET or HEAD (no `Cache-Control`, `Pragma`, `Authorization`, `Range`
+/// The lane's hit (the caller counts it): a plain GET or HEAD (no `Cache-Control`, `Pragma`, `Authorization`, `Range`
 /// or conditional header of the client's) for a fresh entry, the same answer the full path
 /// gives such a request ([`serve`], then [`respond`] with no `kind`). `None` for anything
 /// else, and for a compressed form not made yet: the full path answers those.
@@ -520,7 +520,6 @@ pub fn lane_hit(
     let head = e.head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
         hit_headers(&e, compressible.is_some(), encoding, body.len(), age, ttl)
     });
-    route.cache_lookups.hit.inc();
     Some(LaneHit { status: e.status, head, body })
 }
 

@@ -181,6 +181,9 @@ pub struct HitHead {
     pub wire: Bytes,
     /// Whether the head has a `Date` (without one, the lane adds one, as hyper does).
     pub dated: bool,
+    /// Whether the head has one of the headers a rate limit writes (the app's own): the full
+    /// path replaces them on a limited route, the lane leaves such hits to it.
+    pub limit_headers: bool,
 }
 
 impl HitHead {
@@ -194,17 +197,19 @@ impl HitHead {
         // A reason must be written: many parsers expect one (hyper writes the same).
         wire.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
         wire.extend_from_slice(b"\r\n");
+        let mut limit_headers = false;
         for (name, value) in &headers {
             if name == crate::proxy::X_REQUEST_ID {
                 continue;
             }
+            limit_headers |= crate::ratelimit::HEADER_NAMES.contains(&name.as_str());
             wire.extend_from_slice(name.as_str().as_bytes());
             wire.extend_from_slice(b": ");
             wire.extend_from_slice(value.as_bytes());
             wire.extend_from_slice(b"\r\n");
         }
         let dated = headers.contains_key(header::DATE);
-        Self { age, ttl, compressible, headers, wire: wire.into(), dated }
+        Self { age, ttl, compressible, headers, wire: wire.into(), dated, limit_headers }
     }
 }
 

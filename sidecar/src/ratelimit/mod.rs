@@ -20,6 +20,7 @@ use prometheus::IntCounter;
 use crate::{
     clientip::{Client, TrustedProxies},
     error::ProxyError,
+    headers::{RequestHeaders, text},
     metrics::Metrics,
     values::{self, Text},
 };
@@ -41,6 +42,10 @@ pub fn now_ns() -> u64 {
     START.elapsed().as_nanos() as u64
 }
 
+/// The response headers a limit writes.
+pub const HEADER_NAMES: [&str; 5] =
+    ["ratelimit-policy", "ratelimit", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"];
+
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -57,6 +62,8 @@ pub struct RouteLimiter {
     overrides: HashMap<String, usize>,
     /// One store per entry of `params`, so each key's idleness is judged by its own limit.
     stores: Vec<Arc<LocalStore>>,
+    /// The key's header, when the key has one (the config is validated: a bad name has none).
+    key_header: Option<HeaderName>,
     /// `RateLimit-Policy` and `X-RateLimit-Limit`, per entry of `params`.
     policy_headers: Vec<(HeaderValue, HeaderValue)>,
     /// `scope: Global`: the Redis store and this route's key prefix.
@@ -73,6 +80,16 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// The headers as HTTP/1.1 lines, for the cache-hit lane.
+    pub fn lines(&self, out: &mut Vec<u8>) {
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
     pub fn write(self, headers: &mut HeaderMap) {
         headers.reserve(self.headers.len());
         for (name, value) in self.headers {
@@ -126,6 +143,7 @@ impl RouteLimiter {
         Self {
             route: route.to_owned(),
             config: config.clone(),
+            key_header: config.key.header.as_deref().and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             params,
             overrides,
             stores,
@@ -144,30 +162,7 @@ impl RouteLimiter {
         peer: SocketAddr,
         trusted: &TrustedProxies,
     ) -> Result<Option<Applied>, ProxyError> {
-        let key = &self.config.key;
-        let header = key.header.as_deref().map(|name| headers.get(name));
-        if let Some(None) = header
-            && self.config.key.on_missing == MissingKey::Reject
-        {
-            return Err(ProxyError::MissingKey {
-                header: key.header.clone().unwrap_or_default(),
-                status: key.reject_status,
-            });
-        }
-        let client = key.client_ip.then(|| trusted.client(peer, headers));
-        let header = header.flatten();
-        // An override matches the header value, else the client address.
-        let which = header
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| self.overrides.get(v))
-            .or_else(|| match client {
-                Some(Client::Ip(ip)) if !self.overrides.is_empty() => self.overrides.get(&ip.to_string()),
-                Some(Client::Raw(raw)) => self.overrides.get(raw),
-                _ => None,
-            })
-            .copied()
-            .unwrap_or(0);
-        let material = (client, header.map(HeaderValue::as_bytes));
+        let (which, material) = self.key(headers, peer, trusted)?;
         let Some((store, scope)) = &self.global else {
             let decision = self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
             return self.finish(decision, which);
@@ -192,6 +187,59 @@ impl RouteLimiter {
                 }
             }
         }
+    }
+
+    /// Decides one request at once when the limit is kept in this pod (`scope: Pod` or
+    /// `Replicas`), as [`RouteLimiter::check`] does; `None` for a `Global` limit (it asks Redis).
+    pub fn check_local(
+        &self,
+        headers: &impl RequestHeaders,
+        peer: SocketAddr,
+        trusted: &TrustedProxies,
+    ) -> Option<Result<Option<Applied>, ProxyError>> {
+        if self.global.is_some() {
+            return None;
+        }
+        Some(self.key(headers, peer, trusted).and_then(|(which, material)| {
+            let decision = self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+            self.finish(decision, which)
+        }))
+    }
+
+    /// Which limit applies (0, or an override's) and the key material to hash; a missing key
+    /// header refused when the policy says so.
+    #[allow(clippy::type_complexity)]
+    fn key<'h>(
+        &self,
+        headers: &'h impl RequestHeaders,
+        peer: SocketAddr,
+        trusted: &TrustedProxies,
+    ) -> Result<(usize, (Option<Client<'h>>, Option<&'h [u8]>)), ProxyError> {
+        let key = &self.config.key;
+        let header =
+            key.header.as_ref().map(|_| self.key_header.as_ref().and_then(|name| headers.first(name)));
+        if let Some(None) = header
+            && self.config.key.on_missing == MissingKey::Reject
+        {
+            return Err(ProxyError::MissingKey {
+                header: key.header.clone().unwrap_or_default(),
+                status: key.reject_status,
+            });
+        }
+        let client = key.client_ip.then(|| trusted.client(peer, headers));
+        let header = header.flatten();
+        // An override matches the header value, else the client address.
+        let which = header
+            .and_then(text)
+            .and_then(|v| self.overrides.get(v))
+            .or_else(|| match client {
+                Some(Client::Ip(ip)) if !self.overrides.is_empty() => self.overrides.get(&ip.to_string()),
+                Some(Client::Raw(raw)) => self.overrides.get(raw),
+                _ => None,
+            })
+            .copied()
+            .unwrap_or(0);
+        Ok((which, (client, header)))
     }
 
     fn finish(&self, d: Decision, which: usize) -> Result<Option<Applied>, ProxyError> {
@@ -245,6 +293,11 @@ impl RouteLimiter {
                 headers: Box::new(applied),
             })
         }
+    }
+
+    /// Whether the count is kept in Redis (`scope: Global`).
+    pub fn is_global(&self) -> bool {
+        self.global.is_some()
     }
 
     /// Forgets idle keys.

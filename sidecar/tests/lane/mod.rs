@@ -19,6 +19,10 @@ const ROUTES: &str = "  - name: cached
     match: {path: {prefix: /app/limited}}
     cache: {maxAge: 60s}
     rateLimit: {requests: 1000, per: 1s, scope: Pod}
+  - name: tight
+    match: {path: {prefix: /app/tight}}
+    cache: {maxAge: 60s}
+    rateLimit: {requests: 3, per: 1m, scope: Pod}
   - name: uploads
     match: {path: {prefix: /count}}
     maxRequestBody: 1Ki
@@ -602,5 +606,60 @@ async fn with_the_lane_off_hyper_answers_the_same() {
     assert!(hit.header("cache-status").unwrap().starts_with("ApiPolicy; hit; ttl="));
     assert_eq!(hit.body, miss.body);
     assert_eq!(up.hits("/app/cached/a"), 1);
+    sc.shutdown();
+}
+
+#[tokio::test]
+async fn a_pod_limit_counts_lane_hits_once_and_refuses_like_hyper() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("lane-limit");
+    let sc = lane_sidecar(&up, &dir).await;
+    let tight = "/app/tight/x?cc=public%2Cmax-age%3D60";
+    let mut c = Conn::open(&sc).await;
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        c.send(get(tight).as_bytes()).await;
+        answers.push(c.response(false).await);
+    }
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429], "{answers:?}");
+    assert!(answers[1].header("cache-status").unwrap().contains("hit"));
+    let remaining: Vec<Option<&str>> = answers.iter().map(|r| r.header("x-ratelimit-remaining")).collect();
+    assert_eq!(remaining, [Some("2"), Some("1"), Some("0"), Some("0")]);
+    let refused = &answers[3];
+    assert_eq!(refused.header("content-type"), Some("application/problem+json"));
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(refused.json()["status"], 429);
+    assert_eq!(refused.json()["requestId"], refused.header("x-request-id").unwrap());
+    // The connection goes on after a refusal.
+    c.send(get(CACHED).as_bytes()).await;
+    assert_eq!(c.response(false).await.status, 200);
+    assert_eq!(up.hits("/app/tight/x"), 1);
+
+    // hyper's path (HTTP/1.0 leaves the lane) refuses alike, and writes the same headers.
+    let mut h = Conn::open(&sc).await;
+    h.send(format!("GET {tight} HTTP/1.0\r\nHost: lane.test\r\n\r\n").as_bytes()).await;
+    let hyper = h.response(false).await;
+    assert_eq!(hyper.status, 429);
+    let names = |r: &Raw| {
+        let mut v: Vec<String> =
+            r.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).filter(|n| n != "connection").collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(refused), names(&hyper), "lane {refused:?}\nhyper {hyper:?}");
+    assert_eq!(refused.json()["type"], hyper.json()["type"]);
+
+    // Each request was decided once: 3 allowed, 2 limited (the lane's and hyper's).
+    let metrics = reqwest_metrics(&sc).await;
+    let decisions = |d: &str| {
+        metric(&metrics, &format!(r#"apipolicy_ratelimit_decisions_total{{decision="{d}",route="tight"}}"#))
+    };
+    assert_eq!((decisions("allowed"), decisions("limited")), (Some(3.0), Some(2.0)), "{metrics}");
+    assert_eq!(metric(&metrics, r#"apipolicy_cache_lookups_total{result="hit",route="tight"}"#), Some(2.0));
+    assert_eq!(
+        metric(&metrics, r#"apipolicy_requests_total{code="429",method="GET",route="tight"}"#),
+        Some(2.0)
+    );
     sc.shutdown();
 }
