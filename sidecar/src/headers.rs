@@ -41,21 +41,28 @@ impl RequestHeaders for HeaderMap {
 #[derive(Clone, Copy)]
 pub struct Raw<'a>(pub &'a [httparse::Header<'a>]);
 
+/// Whether a name on the wire (any case) is `lower` (HeaderName's text: lowercase already, so
+/// only one side is folded).
+#[inline]
+fn is(wire: &str, lower: &[u8]) -> bool {
+    let wire = wire.as_bytes();
+    wire.len() == lower.len() && wire.iter().zip(lower).all(|(w, l)| w.to_ascii_lowercase() == *l)
+}
+
 impl RequestHeaders for Raw<'_> {
-    // HeaderName's text is lowercase; a name on the wire may have any case.
     fn first(&self, name: &HeaderName) -> Option<&[u8]> {
         let name = name.as_str().as_bytes();
-        self.0.iter().find(|h| h.name.as_bytes().eq_ignore_ascii_case(name)).map(|h| h.value)
+        self.0.iter().find(|h| is(h.name, name)).map(|h| h.value)
     }
 
     fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool {
         let name = name.as_str().as_bytes();
-        self.0.iter().any(|h| h.name.as_bytes().eq_ignore_ascii_case(name) && h.value == value)
+        self.0.iter().any(|h| is(h.name, name) && h.value == value)
     }
 
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
         let name = name.as_str().as_bytes();
-        self.0.iter().filter(move |h| h.name.as_bytes().eq_ignore_ascii_case(name)).map(|h| h.value)
+        self.0.iter().filter(move |h| is(h.name, name)).map(|h| h.value)
     }
 }
 

@@ -167,7 +167,7 @@ pub async fn serve(
                         out.extend_from_slice(b"\r\n");
                         (finish, hit.body)
                     }
-                    LaneAnswer::Refused { response, finish } => (finish, refusal(response, &mut out)),
+                    LaneAnswer::Refused { response, finish } => (finish, refusal(*response, &mut out)),
                 };
                 if last {
                     out.extend_from_slice(b"connection: close\r\n");

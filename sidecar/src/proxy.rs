@@ -149,11 +149,12 @@ pub enum LaneAnswer {
     Hit {
         hit: crate::cache::flow::LaneHit,
         id: HeaderValue,
-        limit: Option<crate::ratelimit::Applied>,
+        // Boxed, as the refusal: a plain hit's answer stays small (it is moved a few times).
+        limit: Option<Box<crate::ratelimit::Applied>>,
         finish: Finish,
     },
     Refused {
-        response: Response<ProxyBody>,
+        response: Box<Response<ProxyBody>>,
         finish: Finish,
     },
 }
@@ -215,13 +216,13 @@ impl Proxy {
             match route.limiter.as_ref().and_then(|l| l.check_local(&req.headers, req.peer, &active.trusted))
             {
                 None => None,
-                Some(Ok(applied)) => applied,
+                Some(Ok(applied)) => applied.map(Box::new),
                 Some(Err(e)) => {
                     finish.policy_answer = e.is_policy();
                     let mut response = e.into_response(&id);
                     response.headers_mut().insert(X_REQUEST_ID.clone(), id);
                     finish.status = response.status().as_u16();
-                    return Some(LaneAnswer::Refused { response, finish });
+                    return Some(LaneAnswer::Refused { response: Box::new(response), finish });
                 }
             };
         route.cache_lookups.hit.inc();
