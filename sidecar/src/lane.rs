@@ -278,28 +278,30 @@ async fn leave(
             crate::server::proxy_service(conns.sidecar.clone(), peer),
         )
         .into_owned();
-    let ended = if *closing.borrow() {
-        // Shutting down already: hyper's graceful shutdown before it has read the request the
-        // lane passes on would drop that request unanswered. It is asked once hyper has the
-        // bytes (it then answers with `Connection: close`); the watcher is kept to the end, so
-        // the sidecar waits for this connection as for any other.
-        let mut conn = std::pin::pin!(conn);
-        let mut asked = false;
-        let ended = std::future::poll_fn(|cx| {
-            let polled = conn.as_mut().poll(cx);
-            if polled.is_pending() && !asked && taken.load(Ordering::Acquire) {
-                asked = true;
-                conn.as_mut().graceful_shutdown();
-                return conn.as_mut().poll(cx);
-            }
-            polled
-        })
-        .await;
-        drop(watcher);
-        ended
-    } else {
-        watcher.watch(conn).await
-    };
+    // hyper's graceful shutdown before it has read the request the lane passes on would drop
+    // that request unanswered (hyper-util's watcher signals before the first poll), so it is
+    // asked here, and only once hyper has the bytes (it then answers with `Connection:
+    // close`). The watcher is held to the end: the sidecar waits for this connection as for
+    // any other.
+    let mut conn = std::pin::pin!(conn);
+    let closed = closed(closing.clone());
+    let mut closed = std::pin::pin!(closed);
+    let mut asked = false;
+    let ended = std::future::poll_fn(|cx| {
+        let polled = conn.as_mut().poll(cx);
+        if polled.is_pending()
+            && !asked
+            && taken.load(Ordering::Acquire)
+            && closed.as_mut().poll(cx).is_ready()
+        {
+            asked = true;
+            conn.as_mut().graceful_shutdown();
+            return conn.as_mut().poll(cx);
+        }
+        polled
+    })
+    .await;
+    drop(watcher);
     if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
     }
@@ -602,7 +604,7 @@ macro_rules! write_to_stream {
 /// (a client that closes ends the request, as on a plain hyper connection), until the answer
 /// is out: hyper's response body is done and hyper has flushed (it flushes the socket only
 /// with its own buffer empty). Then the input ends: hyper, idle, finds the end and gives the
-/// socket back ([`hyper::server::conn::http1::Connection::without_shutdown`]).
+/// socket back (its shutdown of the socket, after flushing, is a no-op here).
 struct OneRequest {
     stream: TcpStream,
     pending: Bytes,

@@ -192,6 +192,11 @@ impl Proxy {
         if route.limiter.is_some() && hit.head.limit_headers {
             return None;
         }
+        // A limit kept elsewhere (Global) is never skipped: such a request goes to hyper.
+        let decided = match &route.limiter {
+            None => None,
+            Some(l) => Some(l.check_local(&req.headers, req.peer, &active.trusted)?),
+        };
         let id = self.ids.for_raw(req.headers.first(&X_REQUEST_ID));
         active.in_flight.inc();
         let log = active.access_log;
@@ -212,19 +217,23 @@ impl Proxy {
             counted: true,
             active: active.clone(),
         };
-        let limit =
-            match route.limiter.as_ref().and_then(|l| l.check_local(&req.headers, req.peer, &active.trusted))
-            {
-                None => None,
-                Some(Ok(applied)) => applied.map(Box::new),
-                Some(Err(e)) => {
-                    finish.policy_answer = e.is_policy();
-                    let mut response = e.into_response(&id);
-                    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
-                    finish.status = response.status().as_u16();
-                    return Some(LaneAnswer::Refused { response: Box::new(response), finish });
+        let limit = match decided {
+            None => None,
+            Some(Ok(applied)) => applied.map(Box::new),
+            Some(Err(e)) => {
+                finish.policy_answer = e.is_policy();
+                let mut response = e.into_response(&id);
+                // As `handle` does: a compressing route marks its problem answers `Vary`.
+                if let Some(config) = &route.compression
+                    && *req.method != Method::HEAD
+                {
+                    response = compress_streaming(response, config, None);
                 }
-            };
+                response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+                finish.status = response.status().as_u16();
+                return Some(LaneAnswer::Refused { response: Box::new(response), finish });
+            }
+        };
         route.cache_lookups.hit.inc();
         Some(LaneAnswer::Hit { hit, id, limit, finish })
     }
@@ -662,7 +671,10 @@ impl Finish {
 
     pub fn done(mut self, bytes: u64) {
         self.release();
-        self.counted = false;
+        // Only a client's request is counted (a background one never reaches here).
+        if !std::mem::take(&mut self.counted) {
+            return;
+        }
         let elapsed = self.start.elapsed();
         let route = &self.active.routes[self.route];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());

@@ -22,6 +22,7 @@ const ROUTES: &str = "  - name: cached
   - name: tight
     match: {path: {prefix: /app/tight}}
     cache: {maxAge: 60s}
+    compression: {}
     rateLimit: {requests: 3, per: 1m, scope: Pod}
   - name: uploads
     match: {path: {prefix: /count}}
