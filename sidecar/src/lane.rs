@@ -52,10 +52,10 @@ const MAX_HEADERS: usize = 64;
 /// A head not complete within this many bytes goes to hyper (which allows ~400 KiB).
 const HEAD_LIMIT: usize = 64 * 1024;
 /// Whether a connection is worth keeping in the lane. Measured (callgrind, release): a hit
-/// costs ~6.8k instructions here against ~18.6k through hyper (saves ~11.8k); a hand-over
-/// costs ~8.9k more than the same request on a hyper connection (a new hyper connection: its
+/// costs ~7k instructions here against ~18.6k through hyper (saves ~11.6k); a hand-over
+/// costs 7–9k more than the same request on a hyper connection (a new hyper connection: its
 /// buffers and header map, which a long-lived one reuses). So hits count +4, hand-overs −3
-/// (about 11.8 : 8.9), and the connection leaves once it is clearly losing: four hand-overs
+/// (about 11.6 : 8.9, erring towards leaving), and the connection leaves once it is clearly losing: four hand-overs
 /// in a row from the start, or any mix with fewer than ~3 hits per 4 hand-overs. The credit
 /// is capped, so a connection whose traffic turns to misses leaves within about 16 requests.
 #[derive(Default)]
