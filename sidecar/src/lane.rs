@@ -578,6 +578,21 @@ impl Buffer {
     }
 }
 
+/// Gives hyper what the lane read first, as much as `buf` takes; `taken` once all of it is.
+/// `false` when nothing is left to give (the socket's turn).
+fn give(pending: &mut Bytes, buf: &mut ReadBuf<'_>, taken: &AtomicBool) -> bool {
+    if pending.is_empty() {
+        return false;
+    }
+    let n = pending.len().min(buf.remaining());
+    buf.put_slice(&pending[..n]);
+    pending.advance(n);
+    if pending.is_empty() {
+        taken.store(true, Ordering::Release);
+    }
+    true
+}
+
 /// The socket wrappers write straight to the socket.
 macro_rules! write_to_stream {
     () => {
@@ -623,13 +638,7 @@ impl AsyncRead for OneRequest {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending[..n]);
-            this.pending.advance(n);
-            if this.pending.is_empty() {
-                this.signal.taken.store(true, Ordering::Release);
-            }
+        if give(&mut this.pending, buf, &this.signal.taken) {
             return Poll::Ready(Ok(()));
         }
         if this.remaining > 0 {
@@ -695,13 +704,7 @@ impl AsyncRead for Prefixed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending[..n]);
-            this.pending.advance(n);
-            if this.pending.is_empty() {
-                this.taken.store(true, Ordering::Release);
-            }
+        if give(&mut this.pending, buf, &this.taken) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)

@@ -57,21 +57,8 @@ impl Proxy {
         let id = self.ids.for_request(req.headers());
         let index = active.router.route(req.method(), req.uri().path(), req.headers());
         active.in_flight.inc();
-        // The path and id are kept for the access log only.
-        let log = active.access_log;
-        let mut finish = Finish {
-            method: req.method().clone(),
-            path: if log { req.uri().path_and_query().cloned() } else { None },
-            request_id: if log { Some(id.clone()) } else { None },
-            route: index,
-            status: 0,
-            start,
-            upstream_ms: None,
-            holds_slot: false,
-            policy_answer: false,
-            counted: true,
-            active: active.clone(),
-        };
+        let mut finish =
+            Finish::request(&active, req.method(), index, &id, start, || req.uri().path_and_query().cloned());
         let route = &active.routes[index];
         let method = req.method().clone();
         let accept_encoding =
@@ -199,24 +186,10 @@ impl Proxy {
         };
         let id = self.ids.for_raw(req.headers.first(&X_REQUEST_ID));
         active.in_flight.inc();
-        let log = active.access_log;
-        let mut finish = Finish {
-            method: req.method.clone(),
-            path: if log {
-                PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
-            } else {
-                None
-            },
-            request_id: if log { Some(id.clone()) } else { None },
-            route: index,
-            status: hit.status.as_u16(),
-            start,
-            upstream_ms: None,
-            holds_slot: false,
-            policy_answer: false,
-            counted: true,
-            active: active.clone(),
-        };
+        let mut finish = Finish::request(&active, req.method, index, &id, start, || {
+            PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
+        });
+        finish.status = hit.status.as_u16();
         let limit = match decided {
             None => None,
             Some(Ok(applied)) => applied.map(Box::new),
@@ -641,6 +614,32 @@ impl Drop for Finish {
 impl Finish {
     pub(crate) fn route(&self) -> usize {
         self.route
+    }
+
+    /// For a client's request (counted in flight by the caller). The path and id are kept for
+    /// the access log only: `path` is asked only when it is on.
+    fn request(
+        active: &Arc<Active>,
+        method: &Method,
+        route: usize,
+        id: &HeaderValue,
+        start: Instant,
+        path: impl FnOnce() -> Option<PathAndQuery>,
+    ) -> Self {
+        let log = active.access_log;
+        Self {
+            method: method.clone(),
+            path: if log { path() } else { None },
+            request_id: if log { Some(id.clone()) } else { None },
+            route,
+            status: 0,
+            start,
+            upstream_ms: None,
+            holds_slot: false,
+            policy_answer: false,
+            counted: true,
+            active: active.clone(),
+        }
     }
 
     /// For work the sidecar does on its own (a background revalidation): it counts nothing,
