@@ -30,7 +30,7 @@ pub fn negotiate(accept: Option<&HeaderValue>, offered: &[Encoding]) -> Option<E
 /// offers nothing.
 pub fn negotiate_bytes(accept: Option<&[u8]>, offered: &[Encoding]) -> Option<Encoding> {
     let accept = accept?;
-    if !accept.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+    if !crate::headers::is_text(accept) {
         return None;
     }
     let accept = std::str::from_utf8(accept).ok()?;

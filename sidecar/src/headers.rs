@@ -2,7 +2,7 @@
 //! `HeaderMap`, or straight from the parsed bytes of an HTTP/1 request head (the cache-hit
 //! lane, [`crate::lane`]), so that a hit needs no map built.
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 pub trait RequestHeaders {
     /// The first value of `name` (what `HeaderMap::get` gives).
@@ -13,13 +13,31 @@ pub trait RequestHeaders {
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]>;
 }
 
-/// A value as text, as `HeaderValue::to_str` reads it: `None` unless visible ASCII (or tab).
+/// Whether a value is text as `HeaderValue::to_str` judges it: visible ASCII, space or tab.
+pub fn is_text(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// A value as text, as `HeaderValue::to_str` reads it: `None` unless [`is_text`].
 pub fn text(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
-        std::str::from_utf8(value).ok()
-    } else {
-        None
-    }
+    if is_text(value) { std::str::from_utf8(value).ok() } else { None }
+}
+
+/// An HTTP/1.1 status line as hyper writes it: a reason always (many parsers expect one).
+pub fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An HTTP/1.1 header line.
+pub fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 impl RequestHeaders for HeaderMap {

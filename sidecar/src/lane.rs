@@ -33,7 +33,10 @@ use std::{
 use bytes::{Buf, Bytes};
 use futures::task::AtomicWaker;
 use http::Method;
-use hyper_util::{rt::TokioIo, server::graceful::Watcher};
+use hyper_util::{
+    rt::TokioIo,
+    server::graceful::{GracefulConnection, Watcher},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
@@ -42,22 +45,26 @@ use tokio::{
 
 use crate::{
     body::ProxyBody,
-    headers::Raw,
+    headers::{Raw, header_line, status_line},
     proxy::{LaneAnswer, LaneRequest},
     server::Conns,
+    values::Text,
 };
 
 /// Header slots for a request head; a head with more goes to hyper (which allows 100).
 const MAX_HEADERS: usize = 64;
 /// A head not complete within this many bytes goes to hyper (which allows ~400 KiB).
 const HEAD_LIMIT: usize = 64 * 1024;
+/// Bodies up to this size are copied behind the head: one write, one packet.
+const COPY_BODY: usize = 16 * 1024;
 /// Whether a connection is worth keeping in the lane. Measured (callgrind, release): a hit
 /// costs ~7k instructions here against ~18.6k through hyper (saves ~11.6k); a hand-over
 /// costs 7–9k more than the same request on a hyper connection (a new hyper connection: its
 /// buffers and header map, which a long-lived one reuses). So hits count +4, hand-overs −3
-/// (about 11.6 : 8.9, erring towards leaving), and the connection leaves once it is clearly losing: four hand-overs
-/// in a row from the start, or any mix with fewer than ~3 hits per 4 hand-overs. The credit
-/// is capped, so a connection whose traffic turns to misses leaves within about 16 requests.
+/// (about 11.6 : 8.9, erring towards leaving), and the connection leaves once it is clearly
+/// losing: four hand-overs in a row from the start, or any mix with fewer than ~3 hits per 4
+/// hand-overs. The credit is capped, so a connection whose traffic turns to misses leaves
+/// within about 16 requests.
 #[derive(Default)]
 struct Worth(i32);
 
@@ -77,8 +84,6 @@ impl Worth {
         self.0 >= Self::FLOOR
     }
 }
-/// Bodies up to this size are copied behind the head: one write, one packet.
-const COPY_BODY: usize = 16 * 1024;
 
 /// What to do with the bytes at the front of the buffer.
 enum Step {
@@ -95,12 +100,11 @@ enum Step {
 /// Serves one accepted connection until it closes or leaves for hyper.
 pub async fn serve(
     conns: Arc<Conns>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     watcher: Watcher,
     closing: watch::Receiver<bool>,
 ) {
-    let mut stream = stream;
     let mut buf = Buffer::new();
     let mut out = Vec::with_capacity(1024);
     let mut worth = Worth::default();
@@ -162,15 +166,13 @@ pub async fn serve(
                         if let Some(limit) = &limit {
                             limit.lines(&mut out);
                         }
-                        out.extend_from_slice(b"x-request-id: ");
-                        out.extend_from_slice(id.as_bytes());
-                        out.extend_from_slice(b"\r\n");
+                        header_line(&mut out, b"x-request-id", id.as_bytes());
                         (finish, hit.body)
                     }
                     LaneAnswer::Refused { response, finish } => (finish, refusal(*response, &mut out)),
                 };
                 if last {
-                    out.extend_from_slice(b"connection: close\r\n");
+                    header_line(&mut out, b"connection", b"close");
                 }
                 out.extend_from_slice(b"\r\n");
                 let body = if head_only { &[][..] } else { &body[..] };
@@ -207,23 +209,7 @@ pub async fn serve(
                     .serve_connection(TokioIo::new(io), signalled_service(&conns, peer, signal.clone()));
                 // hyper's own end (not `without_shutdown`): it flushes all it wrote before it
                 // shuts the socket, which `OneRequest` turns into a no-op.
-                let mut told = false;
-                let served = std::future::poll_fn(|cx| {
-                    let polled = Pin::new(&mut conn).poll(cx);
-                    // Shutting down: hyper answers with `Connection: close`. It is told only
-                    // once it has the request: told before, it would drop it unanswered.
-                    if polled.is_pending()
-                        && !told
-                        && signal.taken.load(Ordering::Acquire)
-                        && closed.as_mut().poll(cx).is_ready()
-                    {
-                        told = true;
-                        Pin::new(&mut conn).graceful_shutdown();
-                        return Pin::new(&mut conn).poll(cx);
-                    }
-                    polled
-                })
-                .await;
+                let (served, told) = run(Pin::new(&mut conn), &signal.taken, closed.as_mut()).await;
                 match served {
                     Ok(()) => {
                         let parts = conn.into_parts();
@@ -278,14 +264,25 @@ async fn leave(
             crate::server::proxy_service(conns.sidecar.clone(), peer),
         )
         .into_owned();
-    // hyper's graceful shutdown before it has read the request the lane passes on would drop
-    // that request unanswered (hyper-util's watcher signals before the first poll), so it is
-    // asked here, and only once hyper has the bytes (it then answers with `Connection:
-    // close`). The watcher is held to the end: the sidecar waits for this connection as for
-    // any other.
-    let mut conn = std::pin::pin!(conn);
-    let closed = closed(closing.clone());
-    let mut closed = std::pin::pin!(closed);
+    // The watcher is held to the end: the sidecar waits for this connection as for any other
+    // (it is not asked to watch it: it would signal before hyper's first read, see `run`).
+    let closed = std::pin::pin!(closed(closing.clone()));
+    let (ended, _) = run(std::pin::pin!(conn), &taken, closed).await;
+    drop(watcher);
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Runs a hyper connection to its end. Once the sidecar is closing, hyper is asked to shut
+/// down gracefully (it then answers with `Connection: close`), but only once it has the bytes
+/// the lane passed on (`taken`): asked before, it would drop that request unanswered. Returns
+/// the end and whether hyper was asked.
+async fn run<C: GracefulConnection>(
+    mut conn: Pin<&mut C>,
+    taken: &AtomicBool,
+    mut closed: Pin<&mut impl Future<Output = ()>>,
+) -> (Result<(), C::Error>, bool) {
     let mut asked = false;
     let ended = std::future::poll_fn(|cx| {
         let polled = conn.as_mut().poll(cx);
@@ -301,10 +298,7 @@ async fn leave(
         polled
     })
     .await;
-    drop(watcher);
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
+    (ended, asked)
 }
 
 /// The proxy service for one handed-over request: its response body tells the socket
@@ -438,20 +432,13 @@ fn refusal(response: hyper::Response<ProxyBody>, out: &mut Vec<u8>) -> Bytes {
         Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
         _ => Bytes::new(),
     };
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, parts.status);
     for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(bytes.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let mut length = Text::default();
+    length.push_u64(bytes.len() as u64);
+    header_line(out, b"content-length", length.as_bytes());
     date_line(out);
     bytes
 }
@@ -505,9 +492,7 @@ fn date_line(out: &mut Vec<u8>) {
             *at = second;
             *text = httpdate::fmt_http_date(now);
         }
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(text.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(out, b"date", text.as_bytes());
     });
 }
 

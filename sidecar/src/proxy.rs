@@ -170,11 +170,8 @@ impl Proxy {
             return None;
         }
         // As `flow::host` reads it: a Host that is not visible ASCII counts as none.
-        let host = req
-            .headers
-            .first(&header::HOST)
-            .filter(|h| h.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
-            .unwrap_or_default();
+        let host =
+            req.headers.first(&header::HOST).filter(|h| crate::headers::is_text(h)).unwrap_or_default();
         let hit = crate::cache::flow::lane_hit(&active, route, &req.headers, asks, (host, path, query))?;
         if route.limiter.is_some() && hit.head.limit_headers {
             return None;
@@ -599,7 +596,7 @@ pub struct Finish {
 impl Drop for Finish {
     /// A request dropped before its answer began (its client went away, and hyper dropped the
     /// handler): it gives back its `maxInFlight` slot and its place in flight, and counts as
-    /// 499 (nginx's "client closed request"), left out of SLOs like the policy's own answers.
+    /// 499 (nginx's "client closed request") in the request metrics; SLOs do not count it.
     fn drop(&mut self) {
         self.release();
         if std::mem::take(&mut self.counted) {

@@ -488,9 +488,9 @@ pub struct LaneHit {
     pub body: Bytes,
 }
 
-/// The lane's hit (the caller counts it): a plain GET or HEAD (no `Cache-Control`, `Pragma`, `Authorization`, `Range`
-/// or conditional header of the client's) for a fresh entry, the same answer the full path
-/// gives such a request ([`serve`], then [`respond`] with no `kind`). `None` for anything
+/// The lane's hit (the caller counts it): a plain GET or HEAD (no `Cache-Control`, `Pragma`,
+/// `Authorization`, `Range` or conditional header of the client's) for a fresh entry, the
+/// same answer the full path gives such a request ([`serve`], then [`respond`] with no `kind`). `None` for anything
 /// else, and for a compressed form not made yet: the full path answers those.
 pub fn lane_hit(
     active: &Active,

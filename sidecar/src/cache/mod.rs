@@ -191,22 +191,14 @@ impl HitHead {
         let mut wire = Vec::with_capacity(
             32 + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>(),
         );
-        wire.extend_from_slice(b"HTTP/1.1 ");
-        wire.extend_from_slice(status.as_str().as_bytes());
-        wire.push(b' ');
-        // A reason must be written: many parsers expect one (hyper writes the same).
-        wire.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-        wire.extend_from_slice(b"\r\n");
+        crate::headers::status_line(&mut wire, status);
         let mut limit_headers = false;
         for (name, value) in &headers {
             if name == crate::proxy::X_REQUEST_ID {
                 continue;
             }
             limit_headers |= crate::ratelimit::HEADER_NAMES.contains(&name.as_str());
-            wire.extend_from_slice(name.as_str().as_bytes());
-            wire.extend_from_slice(b": ");
-            wire.extend_from_slice(value.as_bytes());
-            wire.extend_from_slice(b"\r\n");
+            crate::headers::header_line(&mut wire, name.as_str().as_bytes(), value.as_bytes());
         }
         let dated = headers.contains_key(header::DATE);
         Self { age, ttl, compressible, headers, wire: wire.into(), dated, limit_headers }

@@ -83,10 +83,7 @@ impl Applied {
     /// The headers as HTTP/1.1 lines, for the cache-hit lane.
     pub fn lines(&self, out: &mut Vec<u8>) {
         for (name, value) in &self.headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            crate::headers::header_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
 
