@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    Algorithm, ApiPolicy, CacheMode, Encoding, HeaderMatch, LimitMode, Method, MissingKey, RouteSettings,
-    Scope, StoreFailure, ValidationError,
+    Algorithm, ApiPolicy, CacheMode, Encoding, EscapedSlashes, HeaderMatch, LimitMode, Method, MissingKey,
+    RouteSettings, Scope, StoreFailure, ValidationError,
     types::{CheckTiming, PathMatch},
     validate::{DEFAULT_ROUTE, validate},
 };
@@ -37,6 +37,12 @@ pub mod defaults {
     pub const CHECK_TIMEOUT_MS: u64 = 1_000;
     pub const UNHEALTHY_THRESHOLD: u32 = 3;
     pub const HEALTHY_THRESHOLD: u32 = 2;
+    pub const STREAM_IDLE_TIMEOUT_MS: u64 = 300_000;
+    pub const MAX_KEYS: u32 = 100_000;
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What the sidecar runs: a compiled policy, its revision, and whose it is.
@@ -67,6 +73,29 @@ pub struct CompiledSpec {
     pub routes: Vec<RouteConfig>,
     pub slos: Vec<SloConfig>,
     pub health_checks: HealthConfig,
+    /// Left out of the JSON when it is the default, so that the revisions of policies that
+    /// leave it out stay as they were.
+    #[serde(default, skip_serializing_if = "PathNormalizationConfig::is_default")]
+    pub path_normalization: PathNormalizationConfig,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PathNormalizationConfig {
+    pub escaped_slashes: EscapedSlashes,
+    pub merge_slashes: bool,
+}
+
+impl Default for PathNormalizationConfig {
+    fn default() -> Self {
+        Self { escaped_slashes: EscapedSlashes::Reject, merge_slashes: true }
+    }
+}
+
+impl PathNormalizationConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -112,6 +141,16 @@ pub struct RouteConfig {
     pub compression: Option<CompressionConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
+    #[serde(default = "stream_idle_timeout_default", skip_serializing_if = "is_stream_idle_timeout_default")]
+    pub stream_idle_timeout_ms: u64,
+}
+
+fn stream_idle_timeout_default() -> u64 {
+    defaults::STREAM_IDLE_TIMEOUT_MS
+}
+
+fn is_stream_idle_timeout_default(ms: &u64) -> bool {
+    *ms == defaults::STREAM_IDLE_TIMEOUT_MS
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -121,6 +160,10 @@ pub struct MatchConfig {
     pub methods: Vec<Method>,
     /// Header names lower-cased.
     pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ignore_case: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ignore_trailing_slash: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -149,6 +192,8 @@ pub struct CacheConfig {
     pub max_entry_size: u64,
     pub store_set_cookie: bool,
     pub surrogate_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sort_query: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -161,6 +206,16 @@ pub struct RateLimitConfig {
     pub mode: LimitMode,
     pub on_store_failure: StoreFailure,
     pub overrides: Vec<OverrideConfig>,
+    #[serde(default = "max_keys_default", skip_serializing_if = "is_max_keys_default")]
+    pub max_keys: u32,
+}
+
+fn max_keys_default() -> u32 {
+    defaults::MAX_KEYS
+}
+
+fn is_max_keys_default(n: &u32) -> bool {
+    *n == defaults::MAX_KEYS
 }
 
 /// `requests` per `per_ms` with a bucket of `burst` (0: requests evenly spaced).
@@ -256,10 +311,34 @@ impl SidecarConfig {
         format!("sha256:{}", hex::encode(Sha256::digest(json)))
     }
 
+    /// The config with every credential hidden ([`redact_url`]), for printing.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        if let Some(r) = &mut c.spec.redis {
+            for url in &mut r.urls {
+                *url = redact_url(url);
+            }
+        }
+        c
+    }
+
     /// The route that applies when no other does.
     pub fn default_route(&self) -> &RouteConfig {
         self.spec.routes.last().expect("compile always adds the default route")
     }
+}
+
+/// A URL with the password of its user info (or the whole user info, when it is one word:
+/// Redis reads `redis://secret@host` as a password) replaced by `***`, for printing.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
 }
 
 /// Validates `policy` and compiles it into the sidecar's config.
@@ -291,6 +370,8 @@ pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>
                         .iter()
                         .map(|h| HeaderMatch { name: h.name.to_ascii_lowercase(), value: h.value.clone() })
                         .collect(),
+                    ignore_case: r.matches.path.ignore_case.unwrap_or(false),
+                    ignore_trailing_slash: r.matches.path.ignore_trailing_slash.unwrap_or(false),
                 },
                 &settings,
                 upstream_timeout,
@@ -299,7 +380,13 @@ pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>
         .collect();
     routes.push(route(
         DEFAULT_ROUTE.to_owned(),
-        MatchConfig { path: PathConfig::Any, methods: vec![], headers: vec![] },
+        MatchConfig {
+            path: PathConfig::Any,
+            methods: vec![],
+            headers: vec![],
+            ignore_case: false,
+            ignore_trailing_slash: false,
+        },
         &defaults,
         upstream_timeout,
     ));
@@ -372,6 +459,13 @@ pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>
         routes,
         slos,
         health_checks,
+        path_normalization: s.path_normalization.as_ref().map_or_else(
+            PathNormalizationConfig::default,
+            |p| PathNormalizationConfig {
+                escaped_slashes: p.escaped_slashes.unwrap_or(EscapedSlashes::Reject),
+                merge_slashes: p.merge_slashes.unwrap_or(true),
+            },
+        ),
     };
     Ok(SidecarConfig {
         revision: SidecarConfig::revision_of(&spec),
@@ -392,6 +486,10 @@ fn merge(route: &RouteSettings, defaults: &RouteSettings) -> RouteSettings {
         compression: route.compression.clone().or_else(|| defaults.compression.clone()),
         concurrency_limit: route.concurrency_limit.clone().or_else(|| defaults.concurrency_limit.clone()),
         max_request_body: route.max_request_body.clone().or_else(|| defaults.max_request_body.clone()),
+        stream_idle_timeout: route
+            .stream_idle_timeout
+            .clone()
+            .or_else(|| defaults.stream_idle_timeout.clone()),
     }
 }
 
@@ -419,6 +517,7 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
                     .map_or(defaults::MAX_ENTRY_SIZE, |q| q.bytes()),
                 store_set_cookie: store.and_then(|s| s.store_set_cookie).unwrap_or(false),
                 surrogate_keys: c.surrogate_keys.clone(),
+                sort_query: c.sort_query.unwrap_or(false),
             }
         }),
         rate_limit: s.rate_limit.as_ref().map(|rl| {
@@ -459,6 +558,7 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
                         },
                     })
                     .collect(),
+                max_keys: rl.max_keys.unwrap_or(defaults::MAX_KEYS),
             }
         }),
         compression: s.compression.as_ref().filter(|c| c.enabled != Some(false)).map(|c| CompressionConfig {
@@ -475,6 +575,10 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
             },
         }),
         max_in_flight: s.concurrency_limit.as_ref().map(|c| c.max_in_flight),
+        stream_idle_timeout_ms: s
+            .stream_idle_timeout
+            .as_ref()
+            .map_or(defaults::STREAM_IDLE_TIMEOUT_MS, |d| d.as_millis()),
     }
 }
 
@@ -487,5 +591,24 @@ fn check(name: String, target: CheckTarget, critical: bool, t: &CheckTiming) -> 
         timeout_ms: t.timeout.as_ref().map_or(defaults::CHECK_TIMEOUT_MS, |d| d.as_millis()),
         unhealthy_threshold: t.unhealthy_threshold.unwrap_or(defaults::UNHEALTHY_THRESHOLD),
         healthy_threshold: t.healthy_threshold.unwrap_or(defaults::HEALTHY_THRESHOLD),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_are_hidden() {
+        for (url, want) in [
+            ("redis://:s3cret@redis:6379", "redis://:***@redis:6379"),
+            ("rediss://app:s3cret@redis:6379/0", "rediss://app:***@redis:6379/0"),
+            ("redis://s3cret@redis", "redis://***@redis"),
+            ("redis://redis:6379", "redis://redis:6379"),
+            ("redis://redis/0?x=a@b", "redis://redis/0?x=a@b"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
     }
 }

@@ -73,6 +73,37 @@ pub struct ApiPolicySpec {
     /// Active health checks of the app and its dependencies, which decide `/readyz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_checks: Option<HealthChecks>,
+
+    /// How request paths are normalized before routes match them. The normalized path is the
+    /// one forwarded, so routes always match what the app receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<PathNormalization>,
+}
+
+/// How request paths are normalized (in the manner of Envoy's `normalize_path`,
+/// `merge_slashes` and `path_with_escaped_slashes_action`). Dot segments are always removed and
+/// percent-encoded unreserved characters always decoded (RFC 3986 §6.2.2).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PathNormalization {
+    /// What to do with a path holding an escaped slash (`%2F`, `%5C`, any case), which many
+    /// frameworks decode into a `/` after the proxy has matched routes: `Reject` (400),
+    /// `DecodeAndForward` (decoded to `/`, then normalized, matched and forwarded so), or
+    /// `Keep` (matched and forwarded as sent: a route for `/a/b` does not see `/a%2Fb`).
+    /// Default: `Reject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escaped_slashes: Option<EscapedSlashes>,
+
+    /// Whether repeated slashes are merged (`/api//login` is `/api/login`). Default: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_slashes: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum EscapedSlashes {
+    Reject,
+    DecodeAndForward,
+    Keep,
 }
 
 /// The application inside the pod.
@@ -192,6 +223,7 @@ pub struct RouteMatch {
     validation = Rule::new("!has(self.prefix) || self.prefix.startsWith('/')").message("a path prefix must start with /"),
     validation = Rule::new("!has(self.exact) || self.exact.startsWith('/')").message("an exact path must start with /"),
 )]
+#[serde(rename_all = "camelCase")]
 pub struct PathMatch {
     /// Matches this path and every path below it, segment by segment: `/api/products` matches
     /// `/api/products` and `/api/products/7`, not `/api/productsearch`. A prefix ending in `/`
@@ -209,6 +241,16 @@ pub struct PathMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub regex: Option<String>,
+
+    /// Whether letters match in any case (`/API/Login` matches `exact: /api/login`), for apps
+    /// whose framework routes so. Default: `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_case: Option<bool>,
+
+    /// Whether one trailing `/` of the request path is ignored (`/api/login/` matches
+    /// `exact: /api/login`), for apps whose framework routes so. Default: `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_trailing_slash: Option<bool>,
 }
 
 /// An HTTP method.
@@ -278,6 +320,12 @@ pub struct RouteSettings {
     /// Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_body: Option<ByteSize>,
+
+    /// How long a response body may stall between two chunks once its headers came (and the
+    /// client's request body, while it is sent) before the sidecar ends the exchange. Default:
+    /// `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// Caching of responses and the cache headers sent to clients.
@@ -329,6 +377,13 @@ pub struct Cache {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub surrogate_keys: Vec<String>,
+
+    /// Whether the query's parameters are put in order of their names for the cache key, so
+    /// that `?b=2&a=1` and `?a=1&b=2` share an entry. Parameters of the same name keep their
+    /// order (`?a=2&a=1` is never `?a=1&a=2`). Only for apps that read the query so.
+    /// Default: `false`, the query is keyed as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort_query: Option<bool>,
 }
 
 /// Who decides a response's freshness.
@@ -407,6 +462,14 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub overrides: Vec<RateLimitOverride>,
+
+    /// With `scope: Pod` or `Replicas` (and `Global`'s `LocalFallback`), how many keys the
+    /// pod keeps state for, per limit (each override has its own); past it idle keys are
+    /// forgotten first, then an eighth of the rest (a forgotten key starts again with a full
+    /// allowance). Each key costs about 40 bytes of table. Default: 100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_keys: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]

@@ -1,6 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/slo`, `/config`, `POST /purge`.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -10,7 +10,18 @@ use serde_json::json;
 
 use crate::{health::Status, server::Sidecar};
 
-pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Probes and scrapers reach `/healthz`, `/readyz`, `/metrics` and `/slo` as they must;
+/// `/config` and `POST /purge` need [`authorized`].
+pub async fn handle(
+    sidecar: Arc<Sidecar>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if matches!(req.uri().path(), "/config" | "/purge")
+        && let Err(refused) = authorized(sidecar.options.admin_token.as_deref(), &req, peer)
+    {
+        return refused;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(&sidecar).await,
@@ -31,18 +42,74 @@ pub async fn handle(sidecar: Arc<Sidecar>, req: Request<Incoming>) -> Response<F
             let active = sidecar.proxy.active.load();
             json_response(
                 StatusCode::OK,
-                &json!({"revision": active.config.revision, "upstream": active.upstream.authority.as_str(), "config": active.config}),
+                &json!({"revision": active.config.revision, "upstream": active.upstream.authority.as_str(), "config": active.config.redacted()}),
             )
         }
         (&Method::POST, "/purge") => purge(&sidecar, req).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/slo" | "/purge") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (_, "/purge") => not_allowed("POST"),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/slo") => not_allowed("GET, HEAD"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /healthz, /readyz, /metrics, /slo, /config or POST /purge\n",
         ),
     }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// Whether a peer may read the config or purge the cache: with `--admin-token`, every peer
+/// must send it as a bearer token (compared in constant time); without one, only loopback
+/// peers may (`kubectl port-forward` and `kubectl exec` arrive so), never the pod network.
+pub fn authorized<B>(
+    token: Option<&str>,
+    req: &Request<B>,
+    peer: SocketAddr,
+) -> Result<(), Response<Full<Bytes>>> {
+    let refuse = |status, detail: &str| {
+        let body = json!({
+            "type": "https://apipolicy.dev/problems/admin-unauthorized",
+            "title": "Not authorized",
+            "status": u16::from(status),
+            "detail": detail,
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Err(resp)
+    };
+    match token {
+        Some(token) => {
+            let sent = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .unwrap_or_default();
+            if constant_time_eq(sent, token.as_bytes()) {
+                Ok(())
+            } else {
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint needs the admin token as `Authorization: Bearer …`",
+                )
+            }
+        }
+        None if peer.ip().to_canonical().is_loopback() => Ok(()),
+        None => refuse(
+            StatusCode::FORBIDDEN,
+            "this endpoint answers loopback peers only; start the sidecar with --admin-token to allow others",
+        ),
+    }
+}
+
+/// Compares without stopping at the first difference, so that timing tells nothing of the
+/// token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Ready when the config is loaded (always, once started), the sidecar is not draining, the
@@ -151,4 +218,34 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_and_purge_need_loopback_or_the_token() {
+        let req = |auth: Option<&str>| {
+            let mut r = Request::get("/config");
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            r.body(()).unwrap()
+        };
+        let (local, remote): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:5000".parse().unwrap(), "10.1.2.3:5000".parse().unwrap());
+        assert!(authorized(None, &req(None), local).is_ok());
+        assert!(authorized(None, &req(None), "[::ffff:127.0.0.1]:1".parse().unwrap()).is_ok());
+        assert_eq!(authorized(None, &req(None), remote).unwrap_err().status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            authorized(Some("t0k"), &req(None), local).unwrap_err().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            authorized(Some("t0k"), &req(Some("Bearer t0")), remote).unwrap_err().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(authorized(Some("t0k"), &req(Some("Bearer t0k")), remote).is_ok());
+    }
 }

@@ -4,6 +4,7 @@
 use std::{
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -15,12 +16,66 @@ use crate::proxy::Finish;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's request body broke (bad chunk framing, a connection cut mid-body): the
+/// client's fault, never the app's, whatever error the upstream connection reports for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body is malformed or was cut off: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+/// A body that sent nothing for longer than its route's `streamIdleTimeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the body stalled: nothing arrived for {0:?}")]
+pub struct Stalled(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// Ends a body that stalls: armed only on bodies that stream from a peer, and moved on
+    /// each time a frame arrives.
+    pub struct IdleTimer {
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        after: Duration,
+    }
+}
+
+impl IdleTimer {
+    pub fn off() -> Self {
+        Self { sleep: None, after: Duration::ZERO }
+    }
+
+    pub fn new(after: Duration) -> Self {
+        Self { sleep: Some(tokio::time::sleep(after)), after }
+    }
+
+    /// Called after the body was polled: a frame moves the deadline on; a wait past it is an
+    /// error.
+    fn check<T, E: From<Stalled>>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        polled: Poll<Option<Result<T, E>>>,
+    ) -> Poll<Option<Result<T, E>>> {
+        let this = self.project();
+        let Some(mut sleep) = this.sleep.as_pin_mut() else { return polled };
+        match polled {
+            Poll::Pending => match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(*this.after).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                sleep.reset(tokio::time::Instant::now() + *this.after);
+                ready
+            }
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body: the upstream's, streamed, or one the sidecar made. When it ends, or the
     /// client goes away, its `Finish` runs once with the bytes sent (metrics, access log).
     pub struct ProxyBody {
         #[pin]
         inner: Inner,
+        #[pin]
+        idle: IdleTimer,
         sent: u64,
         finish: Option<Finish>,
     }
@@ -49,7 +104,7 @@ pin_project_lite::pin_project! {
 
 impl ProxyBody {
     fn new(inner: Inner) -> Self {
-        Self { inner, sent: 0, finish: None }
+        Self { inner, idle: IdleTimer::off(), sent: 0, finish: None }
     }
 
     pub fn upstream(body: Incoming) -> Self {
@@ -84,6 +139,16 @@ impl ProxyBody {
         }
     }
 
+    /// Whether the body streams from the app (and so can stall), rather than being whole.
+    pub fn streams(&self) -> bool {
+        !matches!(self.inner, Inner::Full { .. })
+    }
+
+    /// Ends the body with an error when the app sends nothing for `after`.
+    pub fn idle_timeout(&mut self, after: Duration) {
+        self.idle = IdleTimer::new(after);
+    }
+
     /// Runs `finish` when the body ends or is dropped.
     pub fn on_finish(&mut self, finish: Finish) {
         self.finish = Some(finish);
@@ -108,6 +173,7 @@ impl Body for ProxyBody {
             },
             InnerProj::Boxed { body } => body.poll_frame(cx),
         };
+        let polled = this.idle.check(cx, polled);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
@@ -137,12 +203,20 @@ impl Body for ProxyBody {
 
 pin_project_lite::pin_project! {
     /// What goes to the upstream: the client's body (under the route's size limit when it has
-    /// one), or nothing (a cache fill or revalidation).
+    /// one, and ended when it stalls), or nothing (a cache fill or revalidation).
     #[project = UpstreamProj]
     pub enum UpstreamBody {
-        Client { #[pin] body: Incoming },
-        Limited { #[pin] body: Limited<Incoming> },
+        Client { #[pin] body: Incoming, #[pin] idle: IdleTimer },
+        Limited { #[pin] body: Limited<Incoming>, #[pin] idle: IdleTimer },
         Empty,
+    }
+}
+
+/// The client's body errors as [`ClientBodyError`] (a size limit's error stays as it is).
+fn client_error(e: BoxError) -> BoxError {
+    match e.downcast::<hyper::Error>() {
+        Ok(e) => Box::new(ClientBodyError(*e)),
+        Err(e) => e,
     }
 }
 
@@ -155,24 +229,30 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            UpstreamProj::Client { body } => body.poll_frame(cx).map_err(|e| e.into()),
-            UpstreamProj::Limited { body } => body.poll_frame(cx),
+            UpstreamProj::Client { body, idle } => {
+                let polled = body.poll_frame(cx).map_err(|e| Box::new(ClientBodyError(e)) as BoxError);
+                idle.check(cx, polled)
+            }
+            UpstreamProj::Limited { body, idle } => {
+                let polled = body.poll_frame(cx).map_err(client_error);
+                idle.check(cx, polled)
+            }
             UpstreamProj::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client { body } => body.is_end_stream(),
-            Self::Limited { body } => body.is_end_stream(),
+            Self::Client { body, .. } => body.is_end_stream(),
+            Self::Limited { body, .. } => body.is_end_stream(),
             Self::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client { body } => body.size_hint(),
-            Self::Limited { body } => body.size_hint(),
+            Self::Client { body, .. } => body.size_hint(),
+            Self::Limited { body, .. } => body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

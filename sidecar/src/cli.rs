@@ -45,7 +45,8 @@ pub struct RunArgs {
     /// Where clients connect.
     #[arg(long, env = "APIPOLICY_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// Where `/healthz`, `/readyz`, `/metrics` and `/config` are served.
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/slo` are served to anyone, and `/config`
+    /// and `POST /purge` to loopback peers or holders of `--admin-token`.
     #[arg(long, env = "APIPOLICY_ADMIN", default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
     /// Redis for `scope: Global` limits (over `spec.redis.url`, e.g. from a Secret); several
@@ -96,6 +97,18 @@ pub struct Tuning {
     /// cluster the operator sends it; this is for local mode).
     #[arg(long, env = "APIPOLICY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub replicas: u32,
+    /// A bearer token that `/config` and `POST /purge` on the admin listener require from
+    /// every peer; without one they answer loopback peers only.
+    #[arg(long, env = "APIPOLICY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The most client connections open at once; past it new ones are closed at once (and
+    /// counted in `apipolicy_connections_refused_total`).
+    #[arg(long, env = "APIPOLICY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long a client connection may stay idle (no request head arriving) before it is
+    /// closed; also the time a request head may take to arrive whole.
+    #[arg(long, env = "APIPOLICY_IDLE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -141,6 +154,9 @@ impl Tuning {
             redis: None,
             operator: None,
             cache_bytes: self.cache_size,
+            admin_token: self.admin_token.clone(),
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
         }
     }
 }

@@ -19,6 +19,14 @@ pub enum ProxyError {
     BadGateway(String),
     #[error("the request could not be forwarded: {0}")]
     BadRequest(&'static str),
+    #[error("the request path is refused: {0}")]
+    InvalidPath(crate::routes::PathError),
+    #[error("{0}")]
+    BadRequestBody(String),
+    #[error("the request body stalled: nothing arrived for {timeout_ms} ms")]
+    RequestBodyTimeout { timeout_ms: u64 },
+    #[error("this route is limited per {header} header, and the request carries it more than once")]
+    AmbiguousKey { header: String },
     #[error("too many requests: this route's rate limit allows the next one in {retry_after_s} s")]
     RateLimited { retry_after_s: u64, headers: Box<Applied> },
     #[error("this route is limited per {header} header, and the request has none")]
@@ -36,7 +44,11 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_)
+            | Self::InvalidPath(_)
+            | Self::BadRequestBody(_)
+            | Self::AmbiguousKey { .. } => StatusCode::BAD_REQUEST,
+            Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingKey { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
@@ -53,6 +65,10 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "upstream-unavailable",
             Self::BadGateway(_) => "bad-gateway",
             Self::BadRequest(_) => "bad-request",
+            Self::InvalidPath(_) => "invalid-path",
+            Self::BadRequestBody(_) => "bad-request-body",
+            Self::RequestBodyTimeout { .. } => "request-body-timeout",
+            Self::AmbiguousKey { .. } => "ambiguous-rate-limit-key",
             Self::RateLimited { .. } => "rate-limited",
             Self::MissingKey { .. } => "missing-rate-limit-key",
             Self::Overloaded { .. } => "overloaded",
@@ -67,6 +83,10 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "Upstream unavailable",
             Self::BadGateway(_) => "Bad gateway",
             Self::BadRequest(_) => "Bad request",
+            Self::InvalidPath(_) => "Invalid path",
+            Self::BadRequestBody(_) => "Malformed request body",
+            Self::RequestBodyTimeout { .. } => "Request body timeout",
+            Self::AmbiguousKey { .. } => "Ambiguous rate limit key",
             Self::RateLimited { .. } => "Too many requests",
             Self::MissingKey { .. } => "Rate limit key missing",
             Self::Overloaded { .. } => "Overloaded",
@@ -74,10 +94,17 @@ impl ProxyError {
         }
     }
 
-    /// Answers the sidecar gave because the policy worked as meant (a limit, shedding), which
-    /// SLOs leave out.
+    /// Answers the sidecar gave because the policy worked as meant (a limit, shedding) or the
+    /// client's request was at fault (4xx): SLOs leave them out, so that no client can spend an
+    /// app's error budget by sending broken requests.
     pub fn is_policy(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::MissingKey { .. } | Self::Overloaded { .. })
+        !matches!(
+            self,
+            Self::UpstreamTimeout { .. }
+                | Self::UpstreamUnavailable(_)
+                | Self::BadGateway(_)
+                | Self::LimitStoreUnavailable(_)
+        )
     }
 
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {

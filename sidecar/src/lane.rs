@@ -27,7 +27,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use bytes::{Buf, Bytes};
@@ -707,9 +707,6 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
-
-/// How long the lane waits for a complete head, as hyper's `header_read_timeout`.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ pub mod clientip;
 pub mod compress;
 pub mod demo;
 pub mod error;
+pub mod forwarded;
 pub mod headers;
 pub mod health;
 pub mod lane;

@@ -23,10 +23,11 @@ pub struct Metrics {
     pub config_reload_errors: IntCounter,
     pub in_flight: IntGauge,
     pub connections: IntGauge,
+    pub connections_refused: IntCounter,
     ratelimit_decisions: IntCounterVec,
     shed: IntCounterVec,
     route_in_flight: IntGaugeVec,
-    redis_errors: IntCounter,
+    redis_errors: IntCounterVec,
     redis_latency: Histogram,
     health_up: IntGaugeVec,
     health_duration: HistogramVec,
@@ -101,6 +102,11 @@ impl Metrics {
             .expect("valid metric");
         let connections = IntGauge::new("apipolicy_connections_open", "Client connections open now.")
             .expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "apipolicy_connections_refused_total",
+            "Client connections closed at once because --max-connections were open.",
+        )
+        .expect("valid metric");
         let ratelimit_decisions = IntCounterVec::new(
             Opts::new(
                 "apipolicy_ratelimit_decisions_total",
@@ -125,11 +131,17 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
-        let redis_errors = IntCounter::new(
-            "apipolicy_ratelimit_store_errors_total",
-            "Redis calls of scope: Global limits that failed, timed out or were skipped by the circuit breaker.",
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_ratelimit_store_errors_total",
+                "Rate-limit decisions of scope: Global made without Redis (and shared-cache calls that got no answer), by reason: error, timeout, circuit_open.",
+            ),
+            &["reason"],
         )
         .expect("valid metric");
+        for reason in StoreErrors::REASONS {
+            redis_errors.with_label_values(&[reason]);
+        }
         let redis_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "apipolicy_ratelimit_store_duration_seconds",
@@ -219,6 +231,7 @@ impl Metrics {
             Box::new(config_reload_errors.clone()),
             Box::new(in_flight.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(ratelimit_decisions.clone()),
             Box::new(shed.clone()),
             Box::new(route_in_flight.clone()),
@@ -249,6 +262,7 @@ impl Metrics {
             config_reload_errors,
             in_flight,
             connections,
+            connections_refused,
             ratelimit_decisions,
             shed,
             route_in_flight,
@@ -317,9 +331,13 @@ impl Metrics {
         }
     }
 
-    /// The Redis error counter and call latency histogram.
-    pub fn redis(&self) -> (IntCounter, Histogram) {
-        (self.redis_errors.clone(), self.redis_latency.clone())
+    /// The Redis error counters and call latency histogram.
+    pub fn redis(&self) -> (StoreErrors, Histogram) {
+        let c = |reason| self.redis_errors.with_label_values(&[reason]);
+        (
+            StoreErrors { error: c("error"), timeout: c("timeout"), circuit_open: c("circuit_open") },
+            self.redis_latency.clone(),
+        )
     }
 
     /// The allowed, limited and shadow_limited counters of a route.
@@ -427,6 +445,19 @@ impl CounterCache {
         }
         make().inc();
     }
+}
+
+/// `apipolicy_ratelimit_store_errors_total` by reason, resolved once (no label lookup per
+/// decision).
+#[derive(Clone)]
+pub struct StoreErrors {
+    pub error: IntCounter,
+    pub timeout: IntCounter,
+    pub circuit_open: IntCounter,
+}
+
+impl StoreErrors {
+    pub const REASONS: [&str; 3] = ["error", "timeout", "circuit_open"];
 }
 
 #[cfg(test)]

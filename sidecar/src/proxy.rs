@@ -25,10 +25,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::{
-    body::{ProxyBody, UpstreamBody},
+    body::{ClientBodyError, IdleTimer, ProxyBody, Stalled, UpstreamBody},
     compress,
     error::ProxyError,
     headers::{Raw, RequestHeaders},
+    routes::PathError,
     state::{Active, RouteRuntime},
     upstream::SendError,
 };
@@ -50,12 +51,18 @@ impl Proxy {
         Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let start = Instant::now();
         // One snapshot per request: a reload in the middle of it does not change its config.
         let active = self.active.load_full();
         let id = self.ids.for_request(req.headers());
-        let index = active.router.route(req.method(), req.uri().path(), req.headers());
+        // Before anything reads them: the limiter's key, the cache key and the app.
+        crate::forwarded::own(req.headers_mut(), peer, &active.trusted);
+        // Routes match the path the app will get; a path refused here goes to no route.
+        let (index, bad_path) = match normalize_target(&active.router, &mut req) {
+            Ok(()) => (active.router.route(req.method(), req.uri().path(), req.headers()), None),
+            Err(e) => (active.routes.len() - 1, Some(e)),
+        };
         active.in_flight.inc();
         let mut finish =
             Finish::request(&active, req.method(), index, &id, start, || req.uri().path_and_query().cloned());
@@ -65,10 +72,14 @@ impl Proxy {
             route.compression.as_ref().and(req.headers().get(header::ACCEPT_ENCODING).cloned());
         // Unsafe requests invalidate what the cache holds for their URL (RFC 9111 §4.4).
         let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
-        let invalidates = (!safe).then(|| crate::cache::flow::target(&req));
+        let invalidates = (!safe)
+            .then(|| crate::cache::flow::target(&req, route.cache.as_ref().is_some_and(|c| c.sort_query)));
 
         let mut limit_headers = None;
         let outcome = async {
+            if let Some(e) = bad_path {
+                return Err(ProxyError::InvalidPath(e));
+            }
             // Rate limit first: a refused request costs nothing further.
             if let Some(limiter) = &route.limiter {
                 limit_headers = limiter.check(req.headers(), peer, &active.trusted).await?;
@@ -115,9 +126,28 @@ impl Proxy {
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();
+        if resp.body().streams() {
+            resp.body_mut().idle_timeout(route.stream_idle_timeout);
+        }
         resp.body_mut().on_finish(finish);
         resp
     }
+}
+
+/// Puts the normalized path ([`crate::routes::Router::normalize`]) into the request, so that
+/// the app gets the path its route was chosen by; or says why the path is refused.
+fn normalize_target<B>(router: &crate::routes::Router, req: &mut Request<B>) -> Result<(), PathError> {
+    let std::borrow::Cow::Owned(path) = router.normalize(req.uri().path())? else { return Ok(()) };
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(target).ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
 }
 
 /// A request head as the cache-hit lane ([`crate::lane`]) parsed it: an HTTP/1.1 GET or HEAD in
@@ -160,6 +190,14 @@ impl Proxy {
             Some((p, q)) => (p, Some(q)),
             None => (req.target, None),
         };
+        // A path that needs normalizing (or is refused), or forwarding headers of a trusted
+        // proxy (which count in the cache key), take the full path.
+        if !matches!(active.router.normalize(path), Ok(std::borrow::Cow::Borrowed(_)))
+            || (req.headers.0.iter().any(|h| crate::forwarded::is_forwarding(h.name))
+                && active.trusted.trusts(req.peer.ip()))
+        {
+            return None;
+        }
         let index = active.router.route(req.method, path, &req.headers);
         let route = &active.routes[index];
         if route.cache.is_none() || route.limiter.as_ref().is_some_and(|l| l.is_global()) {
@@ -259,11 +297,13 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer, id, upgrade)?;
+    let idle = IdleTimer::new(route.stream_idle_timeout);
     let body = match route.max_body {
-        Some(limit) => {
-            UpstreamBody::Limited { body: Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)) }
-        }
-        None => UpstreamBody::Client { body },
+        Some(limit) => UpstreamBody::Limited {
+            body: Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)),
+            idle,
+        },
+        None => UpstreamBody::Client { body, idle },
     };
     let mut resp = send(active, route, Request::from_parts(parts, body), finish).await?;
 
@@ -322,19 +362,22 @@ pub(crate) fn prepare(
     Ok(())
 }
 
-/// Sends a prepared request under the route's timeout.
+/// Sends a prepared request under the route's timeout. Every request the sidecar sends
+/// upstream comes through here (pass-through, cache fill, revalidation, background refresh),
+/// and here its head is framed by the body that is sent: whatever the client's head said.
 pub(crate) async fn send(
     active: &Active,
     route: &RouteRuntime,
-    req: Request<UpstreamBody>,
+    mut req: Request<UpstreamBody>,
     finish: &mut Finish,
 ) -> Result<Response<Incoming>, ProxyError> {
+    frame(&mut req);
     let sent_at = Instant::now();
     let timeout_ms = route.timeout.as_millis() as u64;
     let mut resp = match tokio::time::timeout(route.timeout, active.client.send(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
         Ok(Err(SendError::Connect(e))) => return Err(ProxyError::UpstreamUnavailable(e)),
-        Ok(Err(SendError::Http(e))) => return Err(classify(&e, route.max_body)),
+        Ok(Err(SendError::Http(e))) => return Err(classify(&e, route)),
         Ok(Ok(resp)) => resp,
     };
     let upstream = sent_at.elapsed();
@@ -346,11 +389,40 @@ pub(crate) async fn send(
     Ok(resp)
 }
 
-fn classify(e: &hyper::Error, limit: Option<u64>) -> ProxyError {
+/// The `Content-Length` of an upstream request is the length of the body sent: a body of
+/// known length says it (a cache fill sends none, whatever the client declared, so an app
+/// that reads the declared length can never take the next request's bytes for it); a body of
+/// unknown length goes chunked (hyper frames it so once no length is given).
+/// `Transfer-Encoding` is gone already (hop-by-hop).
+fn frame(req: &mut Request<UpstreamBody>) {
+    use http_body::Body as _;
+    match req.body().size_hint().exact() {
+        // No body and no length declared: nothing to say (GET, HEAD…).
+        Some(0) if !req.headers().contains_key(header::CONTENT_LENGTH) => {}
+        Some(n) => {
+            req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
+/// Whose fault a failed exchange was: the client's body (too large, malformed, stalled) or the
+/// upstream's.
+fn classify(e: &hyper::Error, route: &RouteRuntime) -> ProxyError {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.is::<LengthLimitError>() {
-            return ProxyError::BodyTooLarge { limit: limit.unwrap_or_default() };
+            return ProxyError::BodyTooLarge { limit: route.max_body.unwrap_or_default() };
+        }
+        if let Some(bad) = s.downcast_ref::<ClientBodyError>() {
+            return ProxyError::BadRequestBody(chain(bad));
+        }
+        if s.is::<Stalled>() {
+            return ProxyError::RequestBodyTimeout {
+                timeout_ms: route.stream_idle_timeout.as_millis() as u64,
+            };
         }
         source = s.source();
     }

@@ -53,6 +53,12 @@ pub struct Options {
     pub cache_bytes: u64,
     /// Whether plain cache hits on HTTP/1.1 are answered by the lane ([`crate::lane`]).
     pub hit_lane: bool,
+    /// What `/config` and `POST /purge` require (see [`crate::admin`]).
+    pub admin_token: Option<String>,
+    /// The most client connections open at once.
+    pub max_connections: u32,
+    /// How long a client connection may wait for a request head (idle keep-alive included).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +79,7 @@ pub struct Sidecar {
     pub metrics: Metrics,
     draining: AtomicBool,
     pub settings: Settings,
-    options: Options,
+    pub(crate) options: Options,
 }
 
 impl Sidecar {
@@ -207,8 +213,15 @@ async fn run(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
                 let open = sidecar.metrics.connections.clone();
+                // Past the cap a connection is closed at once: each costs memory (buffers,
+                // a task), and a flood of idle ones must not take the pod down.
+                if open.get() >= i64::from(sidecar.options.max_connections) {
+                    sidecar.metrics.connections_refused.inc();
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
                 open.inc();
                 // With a cache in the config, connections start in the cache-hit lane;
                 // without one, the lane would only hand every request over.
@@ -271,7 +284,7 @@ pub struct Conns {
 
 impl Conns {
     fn new(sidecar: Arc<Sidecar>) -> Self {
-        let header_read_timeout = crate::lane::HEADER_READ_TIMEOUT;
+        let header_read_timeout = sidecar.options.idle_timeout;
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
         auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
@@ -315,14 +328,14 @@ async fn sweep_limiters(sidecar: Arc<Sidecar>) {
 async fn serve_admin(sidecar: Arc<Sidecar>, listener: TcpListener) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let sc = sidecar.clone();
         let service = service_fn(move |req| {
             let sc = sc.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(sc, req).await) }
+            async move { Ok::<_, Infallible>(crate::admin::handle(sc, req, peer).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::spawn(conn);

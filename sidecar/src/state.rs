@@ -119,6 +119,8 @@ pub struct RouteRuntime {
     pub name: String,
     pub timeout: Duration,
     pub max_body: Option<u64>,
+    /// How long a body may stall between two chunks (`streamIdleTimeout`).
+    pub stream_idle_timeout: Duration,
     pub metrics: RouteMetrics,
     pub limiter: Option<RouteLimiter>,
     pub concurrency: Option<Concurrency>,
@@ -227,6 +229,7 @@ impl Active {
                     name: r.name.clone(),
                     timeout: Duration::from_millis(r.timeout_ms),
                     max_body: r.max_request_body,
+                    stream_idle_timeout: Duration::from_millis(r.stream_idle_timeout_ms),
                     metrics: metrics.route(&r.name),
                     cache: r.cache.clone(),
                     compression: r.compression.clone(),

@@ -28,18 +28,6 @@ use crate::{
     state::{Active, RouteRuntime},
 };
 
-/// Request headers a client could use to change what the app answers without the cache
-/// key changing (cache poisoning); on cached routes they never reach the app.
-pub(super) static UNKEYED: [HeaderName; 7] = [
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-host"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-method-override"),
-];
-
 /// Conditional headers the cache evaluates itself; a fill asks the app for the whole body.
 static CONDITIONAL: [HeaderName; 5] = [
     header::IF_NONE_MATCH,
@@ -49,9 +37,15 @@ static CONDITIONAL: [HeaderName; 5] = [
     header::IF_RANGE,
 ];
 
-/// The URL a request names, for invalidation.
-pub fn target<B>(req: &Request<B>) -> CacheKey {
-    CacheKey::new(host(req.headers(), req.uri()), req.uri().path(), req.uri().query())
+/// The URL a request names, as the cache keys it (with a trusted proxy's forwarding headers),
+/// on a route that sorts the query or not.
+pub fn target<B>(req: &Request<B>, sort_query: bool) -> CacheKey {
+    let host = crate::forwarded::cache_host(host(req.headers(), req.uri()), req.headers());
+    CacheKey::new(&host, req.uri().path(), req.uri().query(), sort_query)
+}
+
+fn sorts(route: &RouteRuntime) -> bool {
+    route.cache.as_ref().is_some_and(|c| c.sort_query)
 }
 
 fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
@@ -64,12 +58,15 @@ fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
 
 /// Whether the cache may answer a request: `None` for methods it never answers, `Some(false)`
 /// for a GET or HEAD that must bypass it (Range, `no-store`, and in Override mode
-/// Authorization, since the policy would make a per-user answer public).
-pub fn eligible<B>(config: &CacheConfig, req: &Request<B>, asks: Asks) -> Option<bool> {
+/// Authorization, since the policy would make a per-user answer public). A GET or HEAD with a
+/// body bypasses it too: the body is not in the cache key, so the request goes to the app as
+/// sent, body and all, and its answer is not stored.
+pub fn eligible<B: http_body::Body>(config: &CacheConfig, req: &Request<B>, asks: Asks) -> Option<bool> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return None;
     }
-    let bypass = asks.range
+    let bypass = !req.body().is_end_stream()
+        || asks.range
         || (config.mode == CacheMode::Override && asks.authorization)
         || (asks.cache_control
             && super::directives(req.headers().get_all(header::CACHE_CONTROL))
@@ -98,7 +95,8 @@ pub async fn serve(
     let head = req.method() == Method::HEAD;
     let now = SystemTime::now();
     let (headers, uri) = (req.headers(), req.uri());
-    let hash = super::url_hash(host(headers, uri).as_bytes(), uri.path(), uri.query());
+    let host = crate::forwarded::cache_host(host(headers, uri), headers);
+    let hash = super::url_hash(host.as_bytes(), uri.path(), uri.query(), sorts(route));
     if let Some(e) = active.store.fresh(hash, headers, asks, now) {
         route.cache_lookups.hit.inc();
         return Ok(respond(active, route, &e, now, None, headers, head).await);
@@ -117,9 +115,9 @@ async fn serve_full(
     let config = route.cache.as_ref().expect("serve is called for cached routes");
     let store = &active.store;
     let head = req.method() == Method::HEAD;
-    let key = target(&req);
+    let key = target(&req, config.sort_query);
     let (mut parts, _get_body_has_no_meaning) = req.into_parts();
-    for name in &UNKEYED {
+    for name in &crate::forwarded::REWRITING {
         parts.headers.remove(name);
     }
     let client_headers = parts.headers.clone();
@@ -503,7 +501,7 @@ pub fn lane_hit(
         return None;
     }
     let now = SystemTime::now();
-    let hash = super::url_hash(url.0, url.1, url.2);
+    let hash = super::url_hash(url.0, url.1, url.2, sorts(route));
     let e = active.store.fresh(hash, headers, asks, now)?;
     // Statuses whose framing hyper rewrites (no body, no Content-Length) take the full path.
     if e.status == StatusCode::NO_CONTENT || e.status == StatusCode::NOT_MODIFIED {
@@ -589,7 +587,7 @@ pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
         if uri.host().is_some_and(|h| !target.host.split(':').next().unwrap_or("").eq_ignore_ascii_case(h)) {
             continue;
         }
-        let other = CacheKey::new(&target.host, uri.path(), uri.query());
+        let other = CacheKey::new(&target.host, uri.path(), uri.query(), target.sort_query);
         store.invalidate(other.hash);
         hashes.push(other.hash);
     }

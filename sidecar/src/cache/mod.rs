@@ -3,7 +3,8 @@
 //! Freshness comes from `http-cache-semantics` in both modes. With `mode: Override` the
 //! policy's own `Cache-Control` replaces the app's before the response is judged (and is what
 //! clients get); with `mode: Origin` the app's headers decide. Entries are keyed by host,
-//! path and the query with its parameters sorted; the variants of one key are told apart by
+//! path and the query as sent (its parameters put in order of their names only on routes that
+//! ask for it, `sortQuery`); the variants of one key are told apart by
 //! the request headers their `Vary` names (`Accept-Encoding` aside: one identity body per
 //! variant, and each compressed form made once and kept beside it).
 
@@ -29,23 +30,28 @@ use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 
-/// What a request's URL is, for the cache: host, path, sorted query.
+/// What a request's URL is, for the cache: host, path, query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheKey {
     pub hash: u64,
     pub host: String,
     pub path: String,
-    /// `path?sorted-query`, the URI the policy judges by.
+    /// `path?query` (the query in the key's order), the URI the policy judges by.
     pub uri: Uri,
+    /// Whether the query's parameters were put in order of their names (`sortQuery`).
+    pub sort_query: bool,
 }
 
 impl CacheKey {
-    pub fn new(host: &str, path: &str, query: Option<&str>) -> Self {
-        let hash = url_hash(host.as_bytes(), path, query);
+    pub fn new(host: &str, path: &str, query: Option<&str>, sort_query: bool) -> Self {
+        let hash = url_hash(host.as_bytes(), path, query, sort_query);
         let host = host.to_ascii_lowercase();
         let query = query.filter(|q| !q.is_empty()).map(|q| {
+            if !sort_query {
+                return q.to_owned();
+            }
             let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-            params.sort_unstable();
+            params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
             params.join("&")
         });
         let target = match &query {
@@ -53,14 +59,21 @@ impl CacheKey {
             None => path.to_owned(),
         };
         let uri = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
-        Self { hash, host, path: path.to_owned(), uri }
+        Self { hash, host, path: path.to_owned(), uri, sort_query }
     }
 }
 
+/// A query parameter's name: what stands before its `=`.
+fn param_name(param: &str) -> &str {
+    param.split_once('=').map_or(param, |(name, _)| name)
+}
+
 /// The hash of a URL for the cache, [`CacheKey::hash`]: the host lower-cased, the path, and
-/// the query's non-empty parameters sorted, hashed as they go, with no allocation for up to
-/// 16 parameters (the hit path computes it on every request).
-pub fn url_hash(host: &[u8], path: &str, query: Option<&str>) -> u64 {
+/// the query as sent; or, with `sort_query`, its non-empty parameters in order of their
+/// names (a stable sort: parameters of one name keep their order, since `?a=2&a=1` is not
+/// `?a=1&a=2` to most apps), hashed as they go, with no allocation for up to 16 parameters
+/// (the hit path computes it on every request).
+pub fn url_hash(host: &[u8], path: &str, query: Option<&str>, sort_query: bool) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut lower = [0u8; 64];
     for chunk in host.chunks(lower.len()) {
@@ -71,29 +84,36 @@ pub fn url_hash(host: &[u8], path: &str, query: Option<&str>) -> u64 {
     }
     h.update(b"\n");
     h.update(path.as_bytes());
-    if let Some(q) = query.filter(|q| !q.is_empty()) {
-        h.update(b"?");
-        let feed = |h: &mut xxhash_rust::xxh3::Xxh3, params: &mut [&str]| {
-            params.sort_unstable();
-            for (i, p) in params.iter().enumerate() {
-                if i > 0 {
-                    h.update(b"&");
-                }
-                h.update(p.as_bytes());
-            }
-        };
-        let mut params = q.split('&').filter(|p| !p.is_empty());
-        let mut few = [""; 16];
-        let mut n = 0;
-        for p in params.by_ref().take(few.len()) {
-            few[n] = p;
-            n += 1;
+    match query.filter(|q| !q.is_empty()) {
+        None => {}
+        Some(q) if !sort_query => {
+            h.update(b"?");
+            h.update(q.as_bytes());
         }
-        if params.next().is_none() {
-            feed(&mut h, &mut few[..n]);
-        } else {
-            let mut many: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-            feed(&mut h, &mut many);
+        Some(q) => {
+            h.update(b"?");
+            let feed = |h: &mut xxhash_rust::xxh3::Xxh3, params: &mut [&str]| {
+                params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
+                for (i, p) in params.iter().enumerate() {
+                    if i > 0 {
+                        h.update(b"&");
+                    }
+                    h.update(p.as_bytes());
+                }
+            };
+            let mut params = q.split('&').filter(|p| !p.is_empty());
+            let mut few = [""; 16];
+            let mut n = 0;
+            for p in params.by_ref().take(few.len()) {
+                few[n] = p;
+                n += 1;
+            }
+            if params.next().is_none() {
+                feed(&mut h, &mut few[..n]);
+            } else {
+                let mut many: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+                feed(&mut h, &mut many);
+            }
         }
     }
     h.digest()
@@ -847,7 +867,7 @@ fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Option<Vec<(HeaderN
                 return None;
             }
             let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
-            if flow::UNKEYED.contains(&name) {
+            if crate::forwarded::is_forwarding(name.as_str()) {
                 return None;
             }
             values.push((name.clone(), request.get(&name).cloned()));
@@ -879,30 +899,41 @@ mod tests {
     #[test]
     fn the_url_hash_is_the_hash_of_the_key_text() {
         let many: String = (0..40).rev().map(|i| format!("p{i}={i}")).collect::<Vec<_>>().join("&");
-        for (host, path, query, text) in [
-            ("API.Example:8080", "/a/b", None, "api.example:8080\n/a/b".to_owned()),
-            ("h", "/x", Some("b=2&a=1&&c"), "h\n/x?a=1&b=2&c".to_owned()),
-            ("h", "/x", Some(""), "h\n/x".to_owned()),
-            ("h", "/x", Some("&&"), "h\n/x?".to_owned()),
-            (&"H".repeat(150), "/", Some("z&y"), format!("{}\n/?y&z", "h".repeat(150))),
-            ("h", "/many", Some(many.as_str()), {
+        for (host, path, query, sort, text) in [
+            ("API.Example:8080", "/a/b", None, true, "api.example:8080\n/a/b".to_owned()),
+            ("h", "/x", Some("b=2&a=1&&c"), true, "h\n/x?a=1&b=2&c".to_owned()),
+            ("h", "/x", Some("b=2&a=1&&c"), false, "h\n/x?b=2&a=1&&c".to_owned()),
+            ("h", "/x", Some("a=2&b=1&a=1"), true, "h\n/x?a=2&a=1&b=1".to_owned()),
+            ("h", "/x", Some("a=2&a=1"), false, "h\n/x?a=2&a=1".to_owned()),
+            ("h", "/x", Some(""), true, "h\n/x".to_owned()),
+            ("h", "/x", Some("&&"), true, "h\n/x?".to_owned()),
+            (&"H".repeat(150), "/", Some("z&y"), true, format!("{}\n/?y&z", "h".repeat(150))),
+            ("h", "/many", Some(many.as_str()), true, {
                 let mut p: Vec<String> = (0..40).map(|i| format!("p{i}={i}")).collect();
-                p.sort();
+                p.sort_by_key(|p| param_name(p).to_owned());
                 format!("h\n/many?{}", p.join("&"))
             }),
         ] {
             assert_eq!(
-                url_hash(host.as_bytes(), path, query),
+                url_hash(host.as_bytes(), path, query, sort),
                 xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
                 "{text}"
             );
-            assert_eq!(CacheKey::new(host, path, query).hash, url_hash(host.as_bytes(), path, query));
+            assert_eq!(
+                CacheKey::new(host, path, query, sort).hash,
+                url_hash(host.as_bytes(), path, query, sort)
+            );
         }
+        assert_ne!(url_hash(b"h", "/q", Some("a=1&a=2"), true), url_hash(b"h", "/q", Some("a=2&a=1"), true));
+        assert_ne!(
+            url_hash(b"h", "/q", Some("a=1&b=2"), false),
+            url_hash(b"h", "/q", Some("b=2&a=1"), false)
+        );
     }
 
     #[test]
     fn compressibility_is_remembered_per_config_and_route() {
-        let key = CacheKey::new("h", "/p", None);
+        let key = CacheKey::new("h", "/p", None, false);
         let e = assemble(
             &key,
             &HeaderMap::new(),
@@ -954,7 +985,7 @@ mod tests {
             &[("host", "h"), ("cache-control", "no-cache")],
             &[("host", "h"), ("pragma", "no-cache")],
         ];
-        let key = CacheKey::new("h", "/p", None);
+        let key = CacheKey::new("h", "/p", None, false);
         let (mut fast_hits, mut judged_apart) = (0, 0);
         for res in responses {
             for stored_for in requests {

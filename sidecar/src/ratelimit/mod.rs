@@ -28,9 +28,6 @@ use algo::{Decision, Params};
 use local::LocalStore;
 use redis::RedisStore;
 
-/// Keys a pod-scope limiter keeps at most (per route); about 40 bytes each.
-pub const MAX_KEYS: usize = 1 << 20;
-
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
 /// Global keys are hashed alike in every pod; a collision would only make two clients share a
 /// count, never cost Redis more.
@@ -134,7 +131,10 @@ impl RouteLimiter {
             .collect();
         let stores = match previous {
             Some(prev) if prev.config == *config && prev.params == params => prev.stores.clone(),
-            _ => params.iter().map(|_| Arc::new(LocalStore::new(config.algorithm, MAX_KEYS))).collect(),
+            _ => params
+                .iter()
+                .map(|_| Arc::new(LocalStore::new(config.algorithm, config.max_keys as usize)))
+                .collect(),
         };
         let decisions = metrics.ratelimit_decisions(route);
         Self {
@@ -213,6 +213,13 @@ impl RouteLimiter {
         trusted: &TrustedProxies,
     ) -> Result<(usize, (Option<Client<'h>>, Option<&'h [u8]>)), ProxyError> {
         let key = &self.config.key;
+        // A key header sent twice has no one value: which one a limit counted would be the
+        // client's choice (one value per pod, another per proxy in front), so it is refused.
+        if let Some(name) = &self.key_header
+            && headers.all(name).nth(1).is_some()
+        {
+            return Err(ProxyError::AmbiguousKey { header: name.to_string() });
+        }
         let header =
             key.header.as_ref().map(|_| self.key_header.as_ref().and_then(|name| headers.first(name)));
         if let Some(None) = header

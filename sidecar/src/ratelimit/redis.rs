@@ -17,7 +17,9 @@ use std::{
 
 use apipolicy_api::Algorithm;
 use arc_swap::ArcSwapOption;
-use prometheus::{Histogram, IntCounter};
+use prometheus::Histogram;
+
+use crate::metrics::StoreErrors;
 use redis::{
     AsyncCommands as _, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -123,7 +125,7 @@ pub struct RedisStore {
     failures: AtomicU32,
     open_until_ms: AtomicU64,
     epoch: Instant,
-    errors: IntCounter,
+    errors: StoreErrors,
     latency: Histogram,
 }
 
@@ -134,7 +136,7 @@ impl RedisStore {
         urls: Vec<String>,
         cluster: bool,
         timeout: Duration,
-        errors: IntCounter,
+        errors: StoreErrors,
         latency: Histogram,
     ) -> Result<Self, redis::RedisError> {
         let conn = Arc::new(ArcSwapOption::empty());
@@ -190,16 +192,28 @@ impl RedisStore {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// One decision for `key`. Never waits longer than the timeout.
+    /// Counts a decision or call made without Redis, by why.
+    fn count(&self, e: &StoreError) {
+        match e {
+            StoreError::Timeout(_) => &self.errors.timeout,
+            StoreError::CircuitOpen => &self.errors.circuit_open,
+            StoreError::Redis(_) | StoreError::NotConnected => &self.errors.error,
+        }
+        .inc();
+    }
+
+    /// One decision for `key`. Never waits longer than the timeout. Every decision Redis does
+    /// not make is counted, the circuit breaker's included.
     pub async fn decide(&self, algorithm: Algorithm, key: &str, p: &Params) -> Result<Decision, StoreError> {
         if self.now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            self.count(&StoreError::CircuitOpen);
             return Err(StoreError::CircuitOpen);
         }
         let result = self.call(algorithm, key, p).await;
         match &result {
             Ok(_) => self.failures.store(0, Ordering::Relaxed),
             Err(e) => {
-                self.errors.inc();
+                self.count(e);
                 if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_FAILURES {
                     self.failures.store(0, Ordering::Relaxed);
                     self.open_until_ms
@@ -245,9 +259,13 @@ impl RedisStore {
     /// Redis that fails one fails both).
     pub async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         if self.now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            self.count(&StoreError::CircuitOpen);
             return Err(StoreError::CircuitOpen);
         }
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let Some(conn) = self.conn.load_full() else {
+            self.count(&StoreError::NotConnected);
+            return Err(StoreError::NotConnected);
+        };
         let result = tokio::time::timeout(self.timeout, async {
             match (*conn).clone() {
                 Conn::Single(mut c) => cmd.query_async::<T>(&mut c).await,
@@ -260,23 +278,18 @@ impl RedisStore {
                 self.failures.store(0, Ordering::Relaxed);
                 Ok(v)
             }
-            Ok(Err(e)) => {
-                self.fail();
-                Err(StoreError::Redis(e))
-            }
-            Err(_) => {
-                self.fail();
-                Err(StoreError::Timeout(self.timeout))
-            }
+            Ok(Err(e)) => Err(self.fail(StoreError::Redis(e))),
+            Err(_) => Err(self.fail(StoreError::Timeout(self.timeout))),
         }
     }
 
-    fn fail(&self) {
-        self.errors.inc();
+    fn fail(&self, e: StoreError) -> StoreError {
+        self.count(&e);
         if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_FAILURES {
             self.failures.store(0, Ordering::Relaxed);
             self.open_until_ms.store(self.now_ms() + BREAKER_OPEN.as_millis() as u64, Ordering::Relaxed);
         }
+        e
     }
 
     /// Reaches Redis now: for readiness reporting and tests.

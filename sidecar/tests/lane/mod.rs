@@ -530,8 +530,8 @@ async fn an_answer_that_leaves_the_upload_unread_is_flushed_whole_first() {
     let stored = c.response(false).await;
     assert_eq!(stored.status, 200);
     // A client with a small receive window that reads nothing for a while: a GET with a body
-    // is handed to hyper, answered from the cache without reading the body (hyper then drains
-    // it), and its 6 MB answer (more than loopback's socket buffers take) waits on the socket. The hit pipelined behind must come after
+    // is handed to hyper and forwarded to the app, body and all (a GET body bypasses the
+    // cache), and its 6 MB answer (more than loopback's socket buffers take) waits on the socket. The hit pipelined behind must come after
     // all of it.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -543,8 +543,9 @@ async fn an_answer_that_leaves_the_upload_unread_is_flushed_whole_first() {
     c.send(get(CACHED).as_bytes()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let whole = c.response(false).await;
+    assert_eq!(whole.status, 200);
+    // The app's second answer: as long as the first, its count one more.
     assert_eq!(whole.body.len(), stored.body.len());
-    assert_eq!(whole.body, stored.body);
     let next = c.response(false).await;
     assert_eq!(next.status, 200, "{next:?}");
     assert_eq!(next.json()["path"], "/app/cached/a");

@@ -324,6 +324,9 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         operator: None,
         cache_bytes: 16 << 20,
         hit_lane: true,
+        admin_token: None,
+        max_connections: 4096,
+        idle_timeout: Duration::from_secs(30),
     }
 }
 
