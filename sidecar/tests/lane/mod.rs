@@ -665,3 +665,112 @@ async fn a_pod_limit_counts_lane_hits_once_and_refuses_like_hyper() {
     );
     sc.shutdown();
 }
+
+/// What a client can tell of an answer, less what differs from one sidecar to another
+/// (request ids, dates, ages, TTL seconds).
+fn seen(r: &Raw) -> String {
+    let cache_status = r.header("cache-status").unwrap_or_default();
+    let cache_status: String = cache_status.split(';').filter(|p| !p.trim().starts_with("ttl=")).collect();
+    let body = if r.header("content-type").is_some_and(|t| t.contains("problem+json")) {
+        r.json()["type"].to_string()
+    } else {
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    format!("{} [{cache_status}] {:?} {body}", r.status, r.header("content-encoding"))
+}
+
+/// Sends `bytes` (a request and a plain one behind it) on a new connection and reads the
+/// answers: both, or those before the connection closed.
+async fn exchange(sc: &Handle, bytes: &[u8], head_first: bool) -> Vec<String> {
+    let mut c = Conn::open(sc).await;
+    c.send(bytes).await;
+    let mut out = Vec::new();
+    for head in [head_first, false] {
+        match c.try_response(head).await {
+            Some(r) => out.push(seen(&r)),
+            None => break,
+        }
+    }
+    out
+}
+
+/// The lane and hyper's path agree: the same request heads and paths (framing headers, escaped
+/// and dot segments, encoded slashes, queries, conditional and forwarding headers), each
+/// followed by a plain request on the same connection, get the same answers from a sidecar
+/// with the lane and one without, over real sockets. The answers include the app's echo of
+/// what it was sent (method, path and body), so the two agree on framing, on the route
+/// (limits, compression) and on the cache key (hits and misses). Bounded: 192 cases.
+#[test]
+fn the_lane_and_hypers_path_agree_on_framing_route_and_cache_key() {
+    use proptest::{
+        prelude::*,
+        test_runner::{Config, TestRunner},
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (up_a, up_b, dir) =
+        rt.block_on(async { (Upstream::start().await, Upstream::start().await, TempDir::new("agree")) });
+    let (lane, plain) = rt.block_on(async {
+        let path = dir.file("policy.yaml", &policy(ROUTES));
+        let lane = start(options(path.clone(), &up_a.url())).await.unwrap();
+        let mut o = options(path, &up_b.url());
+        o.hit_lane = false;
+        (lane, start(o).await.unwrap())
+    });
+
+    let method = prop::sample::select(vec!["GET", "GET", "GET", "HEAD", "POST", "DELETE"]);
+    let base =
+        prop::sample::select(vec!["/app/cached", "/app/limited", "/app/tight", "/app/other", "/count"]);
+    let piece = prop::sample::select(vec![
+        "/a", "/b", "//", "/.", "/..", "/%2e%2e", "%2F", "%2f", "%5C", "/%61", "%20", ";p=1", "/A",
+    ]);
+    let query =
+        prop::sample::select(vec!["", "?a=1", "?a=1&a=2", "?a=2&a=1", "?b=2&a=1", "?a=1&b=2", "?a=1&&b"]);
+    let header = prop::sample::select(vec![
+        "Accept-Encoding: gzip",
+        "Cache-Control: no-cache",
+        "If-None-Match: \"x\"",
+        "X-Forwarded-Host: evil.example",
+        "X-Forwarded-For: 6.6.6.6",
+        "Range: bytes=0-1",
+        "Connection: keep-alive",
+        "X-Request-Id: fixed",
+    ]);
+    let framing = prop::sample::select(vec![
+        "",
+        "Content-Length: 0",
+        "Content-Length: 3",
+        "Content-Length: 003",
+        "Transfer-Encoding: chunked",
+    ]);
+    let case = (
+        (method, base, prop::collection::vec(piece, 0..4), query.clone()),
+        (prop::collection::vec(header, 0..3), framing, query),
+    );
+
+    let mut runner = TestRunner::new(Config { cases: 192, failure_persistence: None, ..Config::default() });
+    runner
+        .run(&case, |((method, base, pieces, query), (headers, framing, next))| {
+            let target = format!("{base}{}{query}", pieces.concat());
+            let mut req = format!("{method} {target} HTTP/1.1\r\nHost: lane.test\r\n");
+            for h in headers.iter().chain([&framing]).filter(|h| !h.is_empty()) {
+                req.push_str(h);
+                req.push_str("\r\n");
+            }
+            req.push_str("\r\n");
+            req.push_str(match framing {
+                "Content-Length: 3" | "Content-Length: 003" => "abc",
+                "Transfer-Encoding: chunked" => "3\r\nabc\r\n0\r\n\r\n",
+                _ => "",
+            });
+            // A plain request behind it, on a few URLs, so that entries are hit again and again.
+            req.push_str(&format!("GET /app/cached{next} HTTP/1.1\r\nHost: lane.test\r\n\r\n"));
+            let head = method == "HEAD";
+            let (a, b) = rt.block_on(async {
+                (exchange(&lane, req.as_bytes(), head).await, exchange(&plain, req.as_bytes(), head).await)
+            });
+            prop_assert_eq!(a, b, "{}", req);
+            Ok(())
+        })
+        .unwrap();
+}
