@@ -456,3 +456,30 @@ async fn sigterm_drains_requests_in_flight() {
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(std::net::TcpStream::connect(exit.1.proxy).is_err(), "the listener is closed");
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once_and_counted() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("cap");
+    let mut o = options(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
+    o.max_connections = 2;
+    let sc = apipolicy_sidecar::server::start(o).await.unwrap();
+    let held: Vec<_> =
+        futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(sc.proxy_addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(sc.proxy_addr).await.unwrap();
+    let _ = extra.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read =
+        tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "the third connection is closed unanswered: {read:?}");
+    assert_eq!(metric(&metrics(sc.admin_addr).await, "apipolicy_connections_refused_total"), Some(1.0));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _, _) = get(&client(), format!("http://{}/echo", sc.proxy_addr)).await;
+    assert_eq!(status, StatusCode::OK, "room again once connections close");
+}
