@@ -172,7 +172,7 @@ fn row(
 }
 
 fn bench_decide(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
-    let store = LocalStore::new(algorithm, apipolicy_sidecar::ratelimit::MAX_KEYS);
+    let store = LocalStore::new(algorithm, apipolicy_api::defaults::MAX_KEYS as usize);
     // SlidingWindow has no burst; Params ignores `capacity` for it.
     let params = Params::new(REQUESTS, PER_MS, BURST, 1);
     let keys: Vec<u64> = (0..KEYS as u64).map(splitmix64).collect();

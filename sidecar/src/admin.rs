@@ -11,14 +11,14 @@ use serde_json::json;
 use crate::{health::Status, server::Sidecar};
 
 /// Probes and scrapers reach `/healthz`, `/readyz`, `/metrics` and `/slo` as they must;
-/// `/config` and `POST /purge` need [`authorized`].
+/// `/config` and `POST /purge` are refused as [`refusal`] says.
 pub async fn handle(
     sidecar: Arc<Sidecar>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if matches!(req.uri().path(), "/config" | "/purge")
-        && let Err(refused) = authorized(sidecar.options.admin_token.as_deref(), &req, peer)
+        && let Some(refused) = refusal(sidecar.options.admin_token.as_deref(), &req, peer)
     {
         return refused;
     }
@@ -61,14 +61,11 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Whether a peer may read the config or purge the cache: with `--admin-token`, every peer
-/// must send it as a bearer token (compared in constant time); without one, only loopback
-/// peers may (`kubectl port-forward` and `kubectl exec` arrive so), never the pod network.
-pub fn authorized<B>(
-    token: Option<&str>,
-    req: &Request<B>,
-    peer: SocketAddr,
-) -> Result<(), Response<Full<Bytes>>> {
+/// The answer to a peer that may not read the config or purge the cache; `None` when it may.
+/// With `--admin-token`, every peer must send it as a bearer token (compared in constant
+/// time); without one, only loopback peers may (`kubectl port-forward` and `kubectl exec`
+/// arrive so), never the pod network.
+pub fn refusal<B>(token: Option<&str>, req: &Request<B>, peer: SocketAddr) -> Option<Response<Full<Bytes>>> {
     let refuse = |status, detail: &str| {
         let body = json!({
             "type": "https://apipolicy.dev/problems/admin-unauthorized",
@@ -80,7 +77,7 @@ pub fn authorized<B>(
         *resp.status_mut() = status;
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        Err(resp)
+        Some(resp)
     };
     match token {
         Some(token) => {
@@ -90,7 +87,7 @@ pub fn authorized<B>(
                 .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
                 .unwrap_or_default();
             if constant_time_eq(sent, token.as_bytes()) {
-                Ok(())
+                None
             } else {
                 refuse(
                     StatusCode::UNAUTHORIZED,
@@ -98,7 +95,7 @@ pub fn authorized<B>(
                 )
             }
         }
-        None if peer.ip().to_canonical().is_loopback() => Ok(()),
+        None if peer.ip().to_canonical().is_loopback() => None,
         None => refuse(
             StatusCode::FORBIDDEN,
             "this endpoint answers loopback peers only; start the sidecar with --admin-token to allow others",
@@ -235,17 +232,15 @@ mod tests {
         };
         let (local, remote): (SocketAddr, SocketAddr) =
             ("127.0.0.1:5000".parse().unwrap(), "10.1.2.3:5000".parse().unwrap());
-        assert!(authorized(None, &req(None), local).is_ok());
-        assert!(authorized(None, &req(None), "[::ffff:127.0.0.1]:1".parse().unwrap()).is_ok());
-        assert_eq!(authorized(None, &req(None), remote).unwrap_err().status(), StatusCode::FORBIDDEN);
+        let status = |r: Option<Response<Full<Bytes>>>| r.map(|r| r.status());
+        assert_eq!(status(refusal(None, &req(None), local)), None);
+        assert_eq!(status(refusal(None, &req(None), "[::ffff:127.0.0.1]:1".parse().unwrap())), None);
+        assert_eq!(status(refusal(None, &req(None), remote)), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(refusal(Some("t0k"), &req(None), local)), Some(StatusCode::UNAUTHORIZED));
         assert_eq!(
-            authorized(Some("t0k"), &req(None), local).unwrap_err().status(),
-            StatusCode::UNAUTHORIZED
+            status(refusal(Some("t0k"), &req(Some("Bearer t0")), remote)),
+            Some(StatusCode::UNAUTHORIZED)
         );
-        assert_eq!(
-            authorized(Some("t0k"), &req(Some("Bearer t0")), remote).unwrap_err().status(),
-            StatusCode::UNAUTHORIZED
-        );
-        assert!(authorized(Some("t0k"), &req(Some("Bearer t0k")), remote).is_ok());
+        assert_eq!(status(refusal(Some("t0k"), &req(Some("Bearer t0k")), remote)), None);
     }
 }

@@ -26,6 +26,9 @@ fn options(policy: std::path::PathBuf) -> Options {
         operator: None,
         cache_bytes: 1 << 20,
         hit_lane: true,
+        admin_token: None,
+        max_connections: 64,
+        idle_timeout: Duration::from_secs(30),
     }
 }
 
