@@ -28,43 +28,52 @@ pub struct ClientBodyError(#[source] pub hyper::Error);
 pub struct Stalled(pub Duration);
 
 pin_project_lite::pin_project! {
-    /// Ends a body that stalls: armed only on bodies that stream from a peer, and moved on
-    /// each time a frame arrives.
+    /// Ends a body that stalls: armed only on bodies that stream from a peer. A frame costs a
+    /// clock read; the timer is made only when the body first has to wait, and moved on only
+    /// when it fires (to the last frame's time plus the timeout), never on every frame.
     pub struct IdleTimer {
         #[pin]
         sleep: Option<tokio::time::Sleep>,
+        // When the last frame came (or the timer was armed); `None`: off.
+        last: Option<tokio::time::Instant>,
         after: Duration,
     }
 }
 
 impl IdleTimer {
     pub fn off() -> Self {
-        Self { sleep: None, after: Duration::ZERO }
+        Self { sleep: None, last: None, after: Duration::ZERO }
     }
 
     pub fn new(after: Duration) -> Self {
-        Self { sleep: Some(tokio::time::sleep(after)), after }
+        Self { sleep: None, last: Some(tokio::time::Instant::now()), after }
     }
 
-    /// Called after the body was polled: a frame moves the deadline on; a wait past it is an
-    /// error.
+    /// Called after the body was polled: a frame is noted; a wait past the timeout since the
+    /// last one is an error.
     fn check<T, E: From<Stalled>>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         polled: Poll<Option<Result<T, E>>>,
     ) -> Poll<Option<Result<T, E>>> {
-        let this = self.project();
-        let Some(mut sleep) = this.sleep.as_pin_mut() else { return polled };
-        match polled {
-            Poll::Pending => match sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(*this.after).into()))),
-                Poll::Pending => Poll::Pending,
-            },
-            ready => {
-                sleep.reset(tokio::time::Instant::now() + *this.after);
-                ready
-            }
+        let mut this = self.project();
+        let Some(last) = this.last else { return polled };
+        if !polled.is_pending() {
+            *last = tokio::time::Instant::now();
+            return polled;
         }
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep_until(*last + *this.after)));
+        }
+        let mut sleep = this.sleep.as_pin_mut().expect("set above");
+        while sleep.as_mut().poll(cx).is_ready() {
+            let deadline = *last + *this.after;
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(Some(Err(Stalled(*this.after).into())));
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }
 

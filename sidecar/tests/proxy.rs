@@ -483,3 +483,41 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted() {
     let (status, _, _) = get(&client(), format!("http://{}/echo", sc.proxy_addr)).await;
     assert_eq!(status, StatusCode::OK, "room again once connections close");
 }
+
+#[tokio::test]
+async fn bodies_that_stall_past_the_stream_idle_timeout_are_ended() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("stall");
+    let routes = "  - name: stalls
+    match: {path: {prefix: /stall}}
+    streamIdleTimeout: 300ms
+  - name: uploads
+    match: {path: {prefix: /count}}
+    streamIdleTimeout: 300ms
+";
+    let sc = apipolicy_sidecar::server::start(options(dir.file("policy.yaml", &policy(routes)), &up.url()))
+        .await
+        .unwrap();
+    let c = client();
+    // A pause shorter than the timeout is fine.
+    let (status, _, body) = get(&c, format!("http://{}/stall?ms=100", sc.proxy_addr)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"firstrest"[..]));
+    // A longer one ends the body: the client gets the head and the first bytes, then an error.
+    let started = Instant::now();
+    let resp = c
+        .request(Request::get(format!("http://{}/stall?ms=5000", sc.proxy_addr)).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.into_body().collect().await.is_err(), "the stalled body is cut");
+    assert!(started.elapsed() < Duration::from_secs(3), "cut near the timeout: {:?}", started.elapsed());
+
+    // An upload that stalls: 408, problem+json, before the app's route timeout.
+    let mut s = tokio::net::TcpStream::connect(sc.proxy_addr).await.unwrap();
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request-body-timeout"), "{text}");
+}
