@@ -54,9 +54,11 @@ pub static REWRITING: [HeaderName; 6] = [
 ];
 
 /// Whether `name` (lower case, as `HeaderName` or `httparse` after folding give it) is one of
-/// [`FORWARDING`]: one length switch and a compare, no hashing.
+/// [`FORWARDING`]: a first-byte test, then length and byte compares, no hashing.
 pub fn is_forwarding(name: &str) -> bool {
-    FORWARDING.iter().any(|f| f.as_str().len() == name.len() && f.as_str().eq_ignore_ascii_case(name))
+    // Every one starts with f, t or x: most headers (host, accept…) stop at the first byte.
+    matches!(name.as_bytes().first(), Some(b'f' | b'F' | b't' | b'T' | b'x' | b'X'))
+        && FORWARDING.iter().any(|f| f.as_str().len() == name.len() && f.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Drops the forwarding headers a client that is not a trusted proxy sent (the sidecar writes
