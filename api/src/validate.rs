@@ -618,11 +618,13 @@ impl Ctx<'_> {
     }
 }
 
+/// Its messages show the URL with its password hidden: they reach status, events and logs.
 fn check_redis_url(url: &str) -> Result<(), String> {
+    let shown = crate::redact_url(url);
     let rest = url
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
-        .ok_or_else(|| format!("{url:?} must start with redis:// or rediss://"))?;
+        .ok_or_else(|| format!("{shown:?} must start with redis:// or rediss://"))?;
     let authority = rest.split('/').next().unwrap_or_default();
     let hostport = authority.rsplit('@').next().unwrap_or_default();
     let hostport = if hostport.contains(':') && !hostport.ends_with(']') {
@@ -630,7 +632,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     } else {
         format!("{hostport}:6379")
     };
-    check_host_port(&hostport).map_err(|why| format!("{url:?}: {why}"))
+    check_host_port(&hostport).map_err(|why| format!("{shown:?}: {why}"))
 }
 
 fn check_host_port(address: &str) -> Result<(), String> {
@@ -661,4 +663,15 @@ fn is_dns_label(s: &str) -> bool {
 
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bad_redis_url_is_named_without_its_password() {
+        for url in ["http://:s3cret@redis:6379", "redis://:s3cret@redis:99999"] {
+            let why = super::check_redis_url(url).unwrap_err();
+            assert!(!why.contains("s3cret") && why.contains("***"), "{why}");
+        }
+    }
 }
