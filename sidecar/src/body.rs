@@ -27,51 +27,47 @@ pub struct ClientBodyError(#[source] pub hyper::Error);
 #[error("the body stalled: nothing arrived for {0:?}")]
 pub struct Stalled(pub Duration);
 
-pin_project_lite::pin_project! {
-    /// Ends a body that stalls: armed only on bodies that stream from a peer. A frame costs a
-    /// clock read; the timer is made only when the body first has to wait, and moved on only
-    /// when it fires (to the last frame's time plus the timeout), never on every frame.
-    pub struct IdleTimer {
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
-        // When the last frame came (or the timer was armed); `None`: off.
-        last: Option<tokio::time::Instant>,
-        after: Duration,
-    }
+/// Ends a body that stalls: armed only on bodies that stream from a peer. Nothing is done
+/// while frames are ready; the clock is read when the body starts to wait, and the timer is
+/// made (boxed, so that every body stays small) on the first wait and moved on only when it
+/// fires during a later wait: a small body that is ready at once costs nothing.
+pub struct IdleTimer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since when the body has been waiting (`None`: a frame came last).
+    waiting_since: Option<tokio::time::Instant>,
+    /// `None`: off.
+    after: Option<Duration>,
 }
 
 impl IdleTimer {
     pub fn off() -> Self {
-        Self { sleep: None, last: None, after: Duration::ZERO }
+        Self { sleep: None, waiting_since: None, after: None }
     }
 
     pub fn new(after: Duration) -> Self {
-        Self { sleep: None, last: Some(tokio::time::Instant::now()), after }
+        Self { sleep: None, waiting_since: None, after: Some(after) }
     }
 
-    /// Called after the body was polled: a frame is noted; a wait past the timeout since the
-    /// last one is an error.
+    /// Called after the body was polled: a frame ends a wait; a wait longer than the timeout
+    /// is an error.
     fn check<T, E: From<Stalled>>(
-        self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
         polled: Poll<Option<Result<T, E>>>,
     ) -> Poll<Option<Result<T, E>>> {
-        let mut this = self.project();
-        let Some(last) = this.last else { return polled };
+        let Some(after) = self.after else { return polled };
         if !polled.is_pending() {
-            *last = tokio::time::Instant::now();
+            self.waiting_since = None;
             return polled;
         }
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(*last + *this.after)));
-        }
-        let mut sleep = this.sleep.as_pin_mut().expect("set above");
+        let since = *self.waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(since + after)));
         while sleep.as_mut().poll(cx).is_ready() {
-            let deadline = *last + *this.after;
-            if tokio::time::Instant::now() >= deadline {
-                return Poll::Ready(Some(Err(Stalled(*this.after).into())));
+            if tokio::time::Instant::now() >= since + after {
+                return Poll::Ready(Some(Err(Stalled(after).into())));
             }
-            sleep.as_mut().reset(deadline);
+            // It was set for an earlier wait: this one ends later.
+            sleep.as_mut().reset(since + after);
         }
         Poll::Pending
     }
@@ -83,7 +79,6 @@ pin_project_lite::pin_project! {
     pub struct ProxyBody {
         #[pin]
         inner: Inner,
-        #[pin]
         idle: IdleTimer,
         sent: u64,
         finish: Option<Finish>,
@@ -215,8 +210,8 @@ pin_project_lite::pin_project! {
     /// one, and ended when it stalls), or nothing (a cache fill or revalidation).
     #[project = UpstreamProj]
     pub enum UpstreamBody {
-        Client { #[pin] body: Incoming, #[pin] idle: IdleTimer },
-        Limited { #[pin] body: Limited<Incoming>, #[pin] idle: IdleTimer },
+        Client { #[pin] body: Incoming, idle: IdleTimer },
+        Limited { #[pin] body: Limited<Incoming>, idle: IdleTimer },
         Empty,
     }
 }
