@@ -1,6 +1,7 @@
 //! The sidecar over real sockets: a real upstream, the real sidecar, real clients.
 
 mod agent;
+mod attacks;
 mod caching;
 mod global;
 mod lane;
