@@ -346,4 +346,45 @@ mod tests {
         assert!(limiter.check(&gold, peer, &trusted).await.is_ok());
         assert!(limiter.check(&gold, peer, &trusted).await.is_err(), "the gold key kept its count");
     }
+
+    /// `rateLimit.maxKeys` bounds what a limit keeps, however many keys clients invent.
+    #[tokio::test]
+    async fn the_keys_kept_stay_within_max_keys() {
+        let config: RateLimitConfig = serde_json::from_value(serde_json::json!({
+            "algorithm": "TokenBucket",
+            "limit": {"requests": 10, "perMs": 60_000, "burst": 10},
+            "key": {"clientIp": false, "header": "x-api-key", "onMissing": "Anonymous", "rejectStatus": 401},
+            "scope": "Pod", "mode": "Enforce", "onStoreFailure": "LocalFallback",
+            "overrides": [], "maxKeys": 2_000
+        }))
+        .unwrap();
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let trusted = TrustedProxies::default();
+        for i in 0..50_000 {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", HeaderValue::from(i));
+            assert!(limiter.check(&h, peer, &trusted).await.is_ok());
+        }
+        let kept = limiter.stores[0].len();
+        assert!((1_000..=2_000).contains(&kept), "{kept} keys kept for maxKeys 2000");
+    }
+
+    /// A key header sent twice is refused: which value counts would be the client's choice.
+    #[tokio::test]
+    async fn a_doubled_key_header_is_refused() {
+        let config: RateLimitConfig = serde_json::from_value(serde_json::json!({
+            "algorithm": "TokenBucket",
+            "limit": {"requests": 10, "perMs": 60_000, "burst": 10},
+            "key": {"clientIp": false, "header": "x-api-key", "onMissing": "Anonymous", "rejectStatus": 401},
+            "scope": "Pod", "mode": "Enforce", "onStoreFailure": "LocalFallback", "overrides": []
+        }))
+        .unwrap();
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
+        let mut h = HeaderMap::new();
+        h.append("x-api-key", HeaderValue::from_static("a"));
+        h.append("x-api-key", HeaderValue::from_static("b"));
+        let refused = limiter.check(&h, "127.0.0.1:1".parse().unwrap(), &TrustedProxies::default()).await;
+        assert!(matches!(refused, Err(ProxyError::AmbiguousKey { .. })), "{refused:?}");
+    }
 }
