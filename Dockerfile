@@ -1,5 +1,5 @@
 # One image with both binaries: the operator and the sidecar it injects.
-# Build: docker build -t apipolicy:dev .
+# Build: docker build -t apipolicy:dev .   (or, with no Docker daemon: scripts/image.sh)
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -8,10 +8,12 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY api/Cargo.toml api/Cargo.toml
 COPY sidecar/Cargo.toml sidecar/Cargo.toml
 COPY operator/Cargo.toml operator/Cargo.toml
+COPY tests/Cargo.toml tests/Cargo.toml
 # Declared bench targets must exist for cargo to read the manifest.
 COPY sidecar/benches sidecar/benches
-RUN for c in api sidecar operator; do mkdir -p $c/src && echo 'fn main() {}' > $c/src/main.rs && touch $c/src/lib.rs; done \
- && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator || true
+# Stand-in sources, so that this layer builds every dependency and fails loudly if it cannot.
+RUN for c in api sidecar operator tests; do mkdir -p $c/src && echo 'fn main() {}' > $c/src/main.rs && touch $c/src/lib.rs; done \
+ && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator
 COPY . .
 RUN touch api/src/lib.rs sidecar/src/*.rs operator/src/*.rs \
  && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator \

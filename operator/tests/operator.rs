@@ -1019,3 +1019,57 @@ fn rendered_chart_parses_into_kubernetes_types() {
     }
     assert!(checked >= 30, "only {checked} manifests checked");
 }
+
+/// The example app the README's cluster steps apply: every document is what its kind says, and
+/// injecting the quickstart policy into the Deployment's pods moves the app's named port to the
+/// sidecar, which the Service's `targetPort` names: the Service reaches the sidecar unchanged.
+#[test]
+fn the_example_app_is_injectable_as_the_readme_says() {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{Namespace, Pod, Service},
+    };
+
+    let text = std::fs::read_to_string(format!("{ROOT}/deploy/example-app/products.yaml")).unwrap();
+    let docs: Vec<Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect();
+    let of =
+        |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}")).clone();
+    let ns: Namespace = serde_json::from_value(of("Namespace")).unwrap();
+    assert_eq!(ns.metadata.labels.unwrap()["apipolicy.dev/injection"], "enabled");
+    let deployment: Deployment = serde_json::from_value(of("Deployment")).unwrap();
+    let service: Service = serde_json::from_value(of("Service")).unwrap();
+    let policy: apipolicy_api::ApiPolicy =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{ROOT}/examples/quickstart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(policy.metadata.namespace.as_deref(), Some("shop"));
+
+    let template = deployment.spec.unwrap().template;
+    let labels = template.metadata.clone().unwrap().labels.unwrap();
+    assert!(
+        policy.spec.selector.match_labels.as_ref().unwrap().iter().all(|(k, v)| labels.get(k) == Some(v))
+    );
+    let pod = Pod { metadata: template.metadata.unwrap(), spec: template.spec, status: None };
+    let cfg = apipolicy_operator::inject::InjectConfig::new("ghcr.io/apipolicy/apipolicy:0.1.0");
+    let injection = apipolicy_operator::inject::inject(&pod, &policy, &cfg).unwrap().expect("injected");
+    let mut doc = serde_json::to_value(&pod).unwrap();
+    json_patch::patch(&mut doc, &injection.patch).unwrap();
+    let injected: Pod = serde_json::from_value(doc).unwrap();
+    let spec = injected.spec.unwrap();
+    let named_http = |c: &k8s_openapi::api::core::v1::Container| {
+        c.ports.iter().flatten().any(|p| p.name.as_deref() == Some("http"))
+    };
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| named_http(c))
+        .expect("the sidecar took the name http");
+    assert_eq!(sidecar.image.as_deref(), Some("ghcr.io/apipolicy/apipolicy:0.1.0"));
+    assert!(!spec.containers.iter().any(named_http), "the app's port was renamed");
+    let port = &service.spec.unwrap().ports.unwrap()[0];
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
+    );
+}
