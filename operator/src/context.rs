@@ -63,6 +63,8 @@ pub struct Context {
     pub clock: Clock,
     /// Set once every cache has been filled.
     pub ready: Arc<AtomicBool>,
+    /// Which caches are filled, as the reflectors tell it (see [`crate::caches`]).
+    pub caches: crate::caches::Caches,
     /// The CA (PEM) of the agent API's certificate, written beside each config for the sidecars.
     pub ca: ArcSwapOption<String>,
 }
@@ -96,6 +98,7 @@ impl Context {
             triggers,
             clock,
             ready: Arc::new(AtomicBool::new(false)),
+            caches: crate::caches::Caches::default(),
             ca: ArcSwapOption::empty(),
         }
     }

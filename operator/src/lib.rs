@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod budgets;
+pub mod caches;
 pub mod certs;
 pub mod check;
 pub mod cli;

@@ -22,6 +22,9 @@ pub struct Metrics {
     /// By result: `authenticated`, `rejected`, `cached`.
     pub token_reviews: IntCounterVec,
     pub leader: IntGauge,
+    /// 1 once every watched cache is filled; and, while it is not, how long it has been not.
+    pub ready: IntGauge,
+    pub not_ready_seconds: IntGauge,
     /// Objects written, by kind.
     pub writes: IntCounterVec,
     /// Admission reviews of the injection webhook, by result.
@@ -61,6 +64,14 @@ impl Metrics {
         )?;
         let leader =
             IntGauge::new("apipolicy_operator_leader", "1 while this replica holds the leader lease")?;
+        let ready = IntGauge::new(
+            "apipolicy_operator_ready",
+            "1 once the ApiPolicy, Pod and ConfigMap caches are filled (the operator reconciles only then)",
+        )?;
+        let not_ready_seconds = IntGauge::new(
+            "apipolicy_operator_not_ready_seconds",
+            "Seconds since start without every cache filled; 0 once ready",
+        )?;
         let writes = IntCounterVec::new(
             Opts::new("apipolicy_operator_writes_total", "Objects written to the API server, by kind"),
             &["kind"],
@@ -92,6 +103,8 @@ impl Metrics {
         registry.register(Box::new(agent_requests.clone()))?;
         registry.register(Box::new(token_reviews.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(not_ready_seconds.clone()))?;
         registry.register(Box::new(writes.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
@@ -103,6 +116,8 @@ impl Metrics {
             agent_requests,
             token_reviews,
             leader,
+            ready,
+            not_ready_seconds,
             writes,
             admissions,
             certificate_expiry,

@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     agent::AgentApi,
+    caches::Cache,
     certs::{self, Bundle, CertStore},
     cli::RunArgs,
     context::{Clock, Context, Stores, key_of, system_clock},
@@ -276,6 +277,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .reflect_shared(policy_writer)
             .inspect(log_watch_error("ApiPolicies"))
             .for_each(move |event| {
+                ctx.caches.see(Cache::Policies, &event);
                 on_policy_event(&ctx, &mut generations, event);
                 ready(())
             })
@@ -288,6 +290,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .reflect_shared(pod_writer)
             .inspect(log_watch_error("pods"))
             .for_each(move |event| {
+                ctx.caches.see(Cache::Pods, &event);
                 if let Ok(watcher::Event::Delete(pod)) = event
                     && let Some(uid) = pod.uid()
                 {
@@ -296,12 +299,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 ready(())
             })
     };
-    let config_map_reflector =
+    let config_map_reflector = {
+        let ctx = ctx.clone();
         watcher(Api::<ConfigMap>::all(client.clone()), wc.clone().labels(MANAGED_BY_SELECTOR))
             .default_backoff()
             .reflect_shared(config_map_writer)
             .inspect(log_watch_error("ConfigMaps"))
-            .for_each(|_| ready(()));
+            .for_each(move |event| {
+                ctx.caches.see(Cache::ConfigMaps, &event);
+                ready(())
+            })
+    };
     let mut background = vec![
         tokio::spawn(policy_reflector),
         tokio::spawn(pod_reflector),
@@ -333,7 +341,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Box::pin(async move { reply })
         })
     };
-    let webhook = Webhook::new(policies.clone(), inject_config, Some(ctx.recorder.clone()), metrics.clone());
+    let webhook = Webhook::new(
+        policies.clone(),
+        ctx.caches.watch(),
+        inject_config,
+        Some(ctx.recorder.clone()),
+        metrics.clone(),
+    );
     let servers = [
         tokio::spawn(serve::serve(metrics_listener, None, admin, stopping.wait())),
         tokio::spawn(serve::serve(
@@ -402,17 +416,35 @@ fn on_policy_event(
     }
 }
 
+/// How long the caches may take to fill before the operator says, loudly and again every so
+/// often, which ones are not: an operator that silently does nothing is the worst failure.
+const NOT_READY_WARNING: Duration = Duration::from_secs(10);
+
+/// Marks the operator ready once every cache is filled; until then `/readyz` fails, and past
+/// [`NOT_READY_WARNING`] each period logs an error naming the caches still empty and the
+/// metrics say how long it has been.
 async fn mark_ready(ctx: Arc<Context>) {
-    let s = &ctx.stores;
-    let filled = futures::future::join3(
-        s.policies.wait_until_ready(),
-        s.pods.wait_until_ready(),
-        s.config_maps.wait_until_ready(),
-    )
-    .await;
-    if let (Ok(()), Ok(()), Ok(())) = filled {
-        ctx.ready.store(true, Ordering::Release);
-        tracing::info!("caches filled; ready");
+    let started = tokio::time::Instant::now();
+    let mut filled = ctx.caches.watch();
+    let mut tick = tokio::time::interval_at(started + NOT_READY_WARNING, NOT_READY_WARNING);
+    loop {
+        tokio::select! {
+            done = filled.wait_for(|f| f.all()) => {
+                if done.is_ok() {
+                    ctx.ready.store(true, Ordering::Release);
+                    ctx.metrics.ready.set(1);
+                    ctx.metrics.not_ready_seconds.set(0);
+                    tracing::info!(after_ms = started.elapsed().as_millis() as u64, "caches filled; ready");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                let waited = started.elapsed().as_secs();
+                ctx.metrics.not_ready_seconds.set(waited as i64);
+                let not_filled = ctx.caches.now().missing();
+                tracing::error!(waited_s = waited, ?not_filled, "the caches are still not filled: the operator reconciles nothing and /readyz fails");
+            }
+        }
     }
 }
 

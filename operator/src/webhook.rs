@@ -30,7 +30,10 @@ use kube::{
     },
 };
 
+use tokio::sync::watch;
+
 use crate::{
+    caches::Filled,
     error::{Error, Result},
     inject::{self, INJECTION_LABEL, InjectConfig, Outcome},
     metrics::Metrics,
@@ -219,6 +222,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Reply {
 
 pub struct Webhook {
     policies: Store<ApiPolicy>,
+    filled: watch::Receiver<Filled>,
     config: InjectConfig,
     /// Events about pods the policy cannot take over; `None` sends none.
     recorder: Option<Recorder>,
@@ -226,13 +230,16 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// `filled` says when the policy cache is filled ([`crate::caches`]: never the store's own
+    /// readiness, whose wakeup the Controller must keep).
     pub fn new(
         policies: Store<ApiPolicy>,
+        filled: watch::Receiver<Filled>,
         config: InjectConfig,
         recorder: Option<Recorder>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { policies, config, recorder, metrics }
+        Self { policies, filled, config, recorder, metrics }
     }
 
     pub fn handler(self) -> Handler {
@@ -278,7 +285,8 @@ impl Webhook {
         };
         // An empty cache would admit every pod without its sidecar; failing lets the failure
         // policy decide, and lets the ReplicaSet retry.
-        if !matches!(tokio::time::timeout(CACHE_WAIT, self.policies.wait_until_ready()).await, Ok(Ok(()))) {
+        let mut filled = self.filled.clone();
+        if !matches!(tokio::time::timeout(CACHE_WAIT, filled.wait_for(|f| f.policies)).await, Ok(Ok(_))) {
             return (
                 "not_ready",
                 text(StatusCode::SERVICE_UNAVAILABLE, "the policy cache is not filled yet\n"),
@@ -462,6 +470,7 @@ mod tests {
         let (ctx, verifier) = Context::test(Seed::with_policies(vec![policy.clone()]));
         let webhook = Webhook::new(
             ctx.stores.policies.clone(),
+            ctx.caches.watch(),
             InjectConfig::new("img"),
             Some(ctx.recorder.clone()),
             ctx.metrics.clone(),

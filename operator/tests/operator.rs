@@ -178,6 +178,7 @@ mod webhook_over_https {
 
     use apipolicy_api::ApiPolicy;
     use apipolicy_operator::{
+        caches::{Cache, Caches},
         certs,
         inject::InjectConfig,
         metrics::Metrics,
@@ -213,13 +214,16 @@ mod webhook_over_https {
         _stop: oneshot::Sender<()>,
         /// A cache whose writer is gone fails at once instead of staying unfilled.
         _writer: reflector::store::Writer<ApiPolicy>,
+        _caches: Caches,
     }
 
     /// The webhook on a loopback port, with its policy cache filled (or never, when `filled` is
     /// false) and a certificate for `localhost`.
     async fn start(policies: Vec<ApiPolicy>, filled: bool) -> Server {
         let (store, mut writer) = reflector::store::<ApiPolicy>();
+        let caches = Caches::default();
         if filled {
+            caches.see(Cache::Policies, &Ok::<_, watcher::Error>(watcher::Event::<ApiPolicy>::InitDone));
             writer.apply_watcher_event(&watcher::Event::Init);
             for p in policies {
                 writer.apply_watcher_event(&watcher::Event::InitApply(p));
@@ -235,14 +239,15 @@ mod webhook_over_https {
             ca: true,
             ..InjectConfig::new("ghcr.io/apipolicy/apipolicy:e2e")
         };
-        let handler = Webhook::new(store, config, None, Arc::new(Metrics::new().unwrap())).handler();
+        let handler =
+            Webhook::new(store, caches.watch(), config, None, Arc::new(Metrics::new().unwrap())).handler();
         let listener = serve::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(serve::serve(listener, Some(tls.acceptor()), handler, async move {
             let _ = stopped.await;
         }));
-        Server { port, ca: bundle.ca_cert, _stop: stop, _writer: writer }
+        Server { port, ca: bundle.ca_cert, _stop: stop, _writer: writer, _caches: caches }
     }
 
     /// A POST over HTTPS that trusts only the webhook's CA, with the protocol the server picks
