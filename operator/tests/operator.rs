@@ -559,19 +559,26 @@ mod e2e {
             let ns = format!("apipolicy-e2e-{}-{}", std::process::id(), fastrand::u32(..) % 100_000);
             let namespaces: Api<Namespace> = Api::all(client.clone());
             install_crd(&client).await;
-            namespaces
-                .patch(
-                    &ns,
-                    &PatchParams::apply(MANAGER),
-                    &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
-                )
-                .await
-                .unwrap();
+            // The operator in a namespace of its own, as the chart installs it: its webhook
+            // never injects pods of its own namespace, so the apps' pods must be elsewhere.
+            let operator_ns = format!("{ns}-operator");
+            for name in [&ns, &operator_ns] {
+                namespaces
+                    .patch(
+                        name,
+                        &PatchParams::apply(MANAGER),
+                        &Patch::Apply(
+                            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+            }
             let log = std::env::temp_dir().join(format!("{ns}.log"));
             let host = webhook_host(&client).await;
             // A configuration of its own, so that an operator installed in the cluster is untouched.
             let webhook_config = format!("apipolicy-injector-{ns}");
-            let mut operator = start_operator(&ns, &log, host.as_deref(), &webhook_config);
+            let mut operator = start_operator(&operator_ns, &log, host.as_deref(), &webhook_config);
             let injection = host.is_some().then_some(webhook_config.as_str());
             let outcome = std::panic::AssertUnwindSafe(suite(&client, &ns, &operator.1, injection))
                 .catch_unwind()
@@ -580,7 +587,9 @@ mod e2e {
             let _ = operator.0.wait();
             let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
             let _ = configs.delete(&webhook_config, &DeleteParams::default()).await;
-            let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+            for name in [&ns, &operator_ns] {
+                let _ = namespaces.delete(name, &DeleteParams::default()).await;
+            }
             if let Err(panic) = outcome {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
