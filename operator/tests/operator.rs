@@ -887,12 +887,14 @@ mod e2e {
         assert_eq!(rejected.reason, "InvalidSpec");
         assert!(rejected.message.contains("spec.upstream.timeout"), "{}", rejected.message);
 
-        // A newer policy on the same pods is in conflict with the older one.
+        // A newer policy on the same pods is in conflict with the older one. On a fresh API server
+        // both may be made in the same second: then the name decides (the conflict rule's
+        // tie-break), so the twin's name sorts after the original's.
         let mut twin = policies.iter().find(|p| p.name_any() == "products").unwrap().clone();
-        twin.metadata.name = Some("e2e-twin".into());
+        twin.metadata.name = Some("products-twin".into());
         apply(&api, &twin).await.unwrap();
-        let conflicted = eventually("e2e-twin is conflicted", || async {
-            let got = api.get("e2e-twin").await.ok()?;
+        let conflicted = eventually("products-twin is conflicted", || async {
+            let got = api.get("products-twin").await.ok()?;
             let c = condition(&got, "Accepted")?;
             (c.status == "False").then(|| c.clone())
         })
@@ -924,7 +926,7 @@ mod e2e {
         assert_eq!(row["cells"][3].as_f64(), Some(100.0));
         assert_eq!(row["cells"][4], "Healthy");
         let twin_row =
-            table["rows"].as_array().unwrap().iter().find(|r| r["cells"][0] == "e2e-twin").unwrap();
+            table["rows"].as_array().unwrap().iter().find(|r| r["cells"][0] == "products-twin").unwrap();
         assert_eq!(twin_row["cells"][1], "False");
         if let Ok(out) = Command::new("kubectl").args(["get", "apipolicies", "-n", ns]).output()
             && out.status.success()
