@@ -12,7 +12,8 @@ use http::{HeaderMap, HeaderName};
 use crate::clientip::TrustedProxies;
 
 /// Headers through which a client could tell the app who or where it is, or which URL or
-/// method it "really" asked for: set only by the sidecar or a trusted proxy.
+/// method it "really" asked for: set only by the sidecar or a trusted proxy. The last six
+/// rewrite the request itself ([`rewriting`]).
 pub static FORWARDING: [HeaderName; 25] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-forwarded-for"),
@@ -41,17 +42,12 @@ pub static FORWARDING: [HeaderName; 25] = [
     HeaderName::from_static("x-method-override"),
 ];
 
-/// Those of [`FORWARDING`] that rewrite the request itself (its URL or method): on cached
-/// routes they never reach the app, whoever sent them, since one request would fill the
-/// entry of another.
-pub static REWRITING: [HeaderName; 6] = [
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// Those of [`FORWARDING`] that rewrite the request itself (its URL or method), its last six:
+/// on cached routes they never reach the app, whoever sent them, since one request would fill
+/// the entry of another.
+pub fn rewriting() -> &'static [HeaderName] {
+    &FORWARDING[FORWARDING.len() - 6..]
+}
 
 /// Whether `name` (lower case, as `HeaderName` or `httparse` after folding give it) is one of
 /// [`FORWARDING`]: a first-byte test, then length and byte compares, no hashing.
@@ -103,9 +99,18 @@ mod tests {
             assert!(is_forwarding(name.as_str()));
             assert!(is_forwarding(&name.as_str().to_ascii_uppercase()));
         }
-        for name in &REWRITING {
-            assert!(FORWARDING.contains(name), "{name}");
-        }
+        let rewriting: Vec<&str> = rewriting().iter().map(|n| n.as_str()).collect();
+        assert_eq!(
+            rewriting,
+            [
+                "x-original-url",
+                "x-rewrite-url",
+                "x-original-uri",
+                "x-http-method-override",
+                "x-http-method",
+                "x-method-override"
+            ]
+        );
         assert!(!is_forwarding("x-forwarded"));
         assert!(!is_forwarding("host"));
     }

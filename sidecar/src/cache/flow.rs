@@ -117,7 +117,7 @@ async fn serve_full(
     let head = req.method() == Method::HEAD;
     let key = target(&req, config.sort_query);
     let (mut parts, _get_body_has_no_meaning) = req.into_parts();
-    for name in &crate::forwarded::REWRITING {
+    for name in crate::forwarded::rewriting() {
         parts.headers.remove(name);
     }
     let client_headers = parts.headers.clone();

@@ -304,102 +304,6 @@ impl Lenient {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A raw client: writes bytes as given, reads responses one by one (Content-Length framed or
-// chunked), and never waits long for one.
-
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr) -> Self {
-        Self { stream: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = tokio::time::timeout(PROMPT, self.stream.read(&mut chunk))
-            .await
-            .expect("the sidecar answered promptly (no hang until a route timeout)")
-            .unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n > 0
-    }
-
-    /// The next response; `head_only` for a response to HEAD.
-    async fn response(&mut self, head_only: bool) -> Raw {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(n) = resp.parse(&self.buf).unwrap() {
-                let status = resp.code.unwrap();
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
-                    .collect();
-                let mut raw = Raw { status, headers, body: Vec::new() };
-                self.buf.drain(..n);
-                if !head_only && status != 304 && status != 204 {
-                    if raw.header("transfer-encoding").is_some() {
-                        raw.body = self.chunked().await;
-                    } else {
-                        let len: usize = raw.header("content-length").map_or(0, |v| v.parse().unwrap());
-                        while self.buf.len() < len {
-                            assert!(self.fill().await, "the connection closed inside a body");
-                        }
-                        raw.body = self.buf.drain(..len).collect();
-                    }
-                }
-                return raw;
-            }
-            assert!(self.fill().await, "the connection closed before a response");
-        }
-    }
-
-    async fn chunked(&mut self) -> Vec<u8> {
-        let mut body = Vec::new();
-        loop {
-            let line_end = loop {
-                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                    break i;
-                }
-                assert!(self.fill().await);
-            };
-            let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap().trim(), 16)
-                .unwrap();
-            self.buf.drain(..line_end + 2);
-            while self.buf.len() < size + 2 {
-                assert!(self.fill().await);
-            }
-            body.extend(self.buf.drain(..size));
-            self.buf.drain(..2);
-            if size == 0 {
-                return body;
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // 1. A GET or HEAD with a body on a cached route.
 
 const CACHED: &str = "  - name: cached
@@ -412,7 +316,7 @@ async fn get_and_head_with_a_body_on_a_cached_route_are_forwarded_framed_and_nev
     let up = Lenient::start().await;
     let dir = TempDir::new("attack-desync");
     let sc = sidecar_for(&dir, &policy(CACHED), &up.url()).await;
-    let mut c = Conn::open(sc.proxy_addr).await;
+    let mut c = Conn::open(sc.proxy_addr).await.within(PROMPT);
     let started = Instant::now();
 
     c.send(b"GET /cached HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789").await;
@@ -468,7 +372,7 @@ async fn a_request_hidden_in_a_get_body_never_reaches_the_app_as_a_request() {
     let up = Lenient::start().await;
     let dir = TempDir::new("attack-smuggle");
     let sc = sidecar_for(&dir, &policy(CACHED), &up.url()).await;
-    let mut c = Conn::open(sc.proxy_addr).await;
+    let mut c = Conn::open(sc.proxy_addr).await.within(PROMPT);
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     let started = Instant::now();
     c.send(
@@ -510,7 +414,7 @@ async fn a_get_with_a_body_reaches_an_app_that_reads_it_without_a_hang() {
     let up = Recorder::start().await;
     let dir = TempDir::new("attack-get-body");
     let sc = sidecar_for(&dir, &policy(CACHED), &up.url()).await;
-    let mut c = Conn::open(sc.proxy_addr).await;
+    let mut c = Conn::open(sc.proxy_addr).await.within(PROMPT);
     for round in 0..2 {
         c.send(b"GET /cached/r HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789").await;
         let r = c.response(false).await;
@@ -785,7 +689,7 @@ async fn a_malformed_chunked_body_is_a_400_and_spares_the_slo() {
     let c = client();
     let head = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
     for body in ["zz\r\nhello\r\n0\r\n\r\n", "5\r\nabcdefgh\r\n0\r\n\r\n", "-5\r\nhello\r\n0\r\n\r\n"] {
-        let mut conn = Conn::open(sc.proxy_addr).await;
+        let mut conn = Conn::open(sc.proxy_addr).await.within(PROMPT);
         conn.send(format!("{head}{body}").as_bytes()).await;
         let r = conn.response(false).await;
         assert_ne!(r.status, 502, "the client's framing is not the app's fault: {r:?} for {body:?}");
@@ -965,7 +869,7 @@ async fn a_limit_key_header_sent_twice_is_refused_before_the_app() {
         assert_problem(status, &h, &body, StatusCode::BAD_REQUEST, "ambiguous-rate-limit-key");
     }
     // Over a raw socket too (the header spelt in two cases).
-    let mut conn = Conn::open(sc.proxy_addr).await;
+    let mut conn = Conn::open(sc.proxy_addr).await.within(PROMPT);
     conn.send(b"GET /keyed HTTP/1.1\r\nHost: x\r\nX-Api-Key: k1\r\nx-api-key: k2\r\n\r\n").await;
     let r = conn.response(false).await;
     assert_eq!(r.status, 400, "{r:?}");

@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use apipolicy_sidecar::server::{Handle, start};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
 
@@ -34,117 +31,6 @@ async fn lane_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
     start(options(path, &up.url())).await.unwrap()
 }
 
-/// A response as read off the socket.
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// A client that writes raw bytes and reads responses one by one (Content-Length framed, or
-/// chunked), keeping what it read past a response for the next one.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(handle: &Handle) -> Self {
-        Self { stream: TcpStream::connect(handle.proxy_addr).await.unwrap(), buf: Vec::new() }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
-            .await
-            .expect("the sidecar answered within 10 s")
-            .unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n > 0
-    }
-
-    /// The next response; `head_only` for a response to HEAD.
-    async fn response(&mut self, head_only: bool) -> Raw {
-        self.try_response(head_only).await.expect("the connection closed before a response")
-    }
-
-    /// The next response, `None` if the connection closes first.
-    async fn try_response(&mut self, head_only: bool) -> Option<Raw> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(n) = resp.parse(&self.buf).unwrap() {
-                let status = resp.code.unwrap();
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
-                    .collect();
-                let mut raw = Raw { status, headers, body: Vec::new() };
-                self.buf.drain(..n);
-                if !head_only && status != 304 && status != 204 {
-                    if raw.header("transfer-encoding").is_some() {
-                        raw.body = self.chunked().await;
-                    } else {
-                        let len: usize = raw.header("content-length").map_or(0, |v| v.parse().unwrap());
-                        while self.buf.len() < len {
-                            assert!(self.fill().await, "the connection closed inside a body");
-                        }
-                        raw.body = self.buf.drain(..len).collect();
-                    }
-                }
-                return Some(raw);
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    async fn chunked(&mut self) -> Vec<u8> {
-        let mut body = Vec::new();
-        loop {
-            let line_end = loop {
-                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                    break i;
-                }
-                assert!(self.fill().await);
-            };
-            let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap().trim(), 16)
-                .unwrap();
-            self.buf.drain(..line_end + 2);
-            while self.buf.len() < size + 2 {
-                assert!(self.fill().await);
-            }
-            body.extend(self.buf.drain(..size));
-            self.buf.drain(..2);
-            if size == 0 {
-                return body;
-            }
-        }
-    }
-
-    /// Whether the sidecar closed the connection (after what was read).
-    async fn closed(&mut self) -> bool {
-        !self.fill().await && self.buf.is_empty()
-    }
-}
-
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: lane.test\r\n\r\n")
 }
@@ -156,7 +42,7 @@ async fn hits_misses_and_uploads_share_one_connection_in_order() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-order");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
 
     c.send(get(CACHED).as_bytes()).await;
     let miss = c.response(false).await;
@@ -194,14 +80,14 @@ async fn a_lane_hit_is_the_hit_hyper_serves() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-parity");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
 
     c.send(get(CACHED).as_bytes()).await;
     let lane = c.response(false).await;
     // The same request as HTTP/1.0 leaves the lane: hyper and the proxy answer it.
-    let mut h = Conn::open(&sc).await;
+    let mut h = Conn::open(sc.proxy_addr).await;
     h.send(format!("GET {CACHED} HTTP/1.0\r\nHost: lane.test\r\n\r\n").as_bytes()).await;
     let hyper = h.response(false).await;
 
@@ -239,7 +125,7 @@ async fn compressed_conditional_and_client_cache_control_hits() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-forms");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     let path = "/app/cached/big?size=2000&etag=v1";
     c.send(get(path).as_bytes()).await;
     assert_eq!(c.response(false).await.status, 200);
@@ -280,7 +166,7 @@ async fn what_the_lane_cannot_frame_goes_to_hyper_for_good() {
     let sc = lane_sidecar(&up, &dir).await;
 
     // A chunked upload: hyper frames it, and answers the hit behind it too.
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     c.send(
@@ -303,13 +189,13 @@ async fn what_the_lane_cannot_frame_goes_to_hyper_for_good() {
         "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
         "GET /app/cached/a HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
     ] {
-        let mut c = Conn::open(&sc).await;
+        let mut c = Conn::open(sc.proxy_addr).await;
         c.send(bad.as_bytes()).await;
         let r = c.response(false).await;
         assert_eq!(r.status, 400, "{bad:?}: {r:?}");
     }
     assert_eq!(up.count(), before);
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(format!("POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{}", get(CACHED)).as_bytes())
         .await;
     let r = c.response(false).await;
@@ -317,7 +203,7 @@ async fn what_the_lane_cannot_frame_goes_to_hyper_for_good() {
     assert!(c.closed().await, "the request behind it is not read");
 
     // A head split over several writes is still read whole.
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     let req = get(CACHED);
     for part in [&req[..5], &req[5..20], &req[20..]] {
         c.send(part.as_bytes()).await;
@@ -342,7 +228,7 @@ async fn an_upload_answered_unread_ends_the_connection_cleanly() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-unread");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     // Over maxRequestBody: the sidecar answers 413 from the Content-Length, without reading.
     let body = vec![b'x'; 4096];
     let mut req = b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n".to_vec();
@@ -367,7 +253,7 @@ async fn lane_hits_are_counted_like_any_other() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-metrics");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     for _ in 0..5 {
@@ -408,7 +294,7 @@ async fn idle_lane_connections_close_at_shutdown() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-shutdown");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     let started = std::time::Instant::now();
@@ -423,7 +309,7 @@ async fn a_big_answer_read_slowly_is_whole_before_the_next() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-slow-reader");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     let first = c.response(false).await;
     // 4 MB handed to hyper (more than the socket buffers hold), a hit pipelined behind it,
@@ -449,7 +335,7 @@ async fn a_client_that_leaves_gives_its_slot_back() {
     );
     let sc = start(options(dir.file("policy.yaml", &policy(&routes)), &up.url())).await.unwrap();
     // Make the lane's connection (a cache in the config), then a slow request handed over.
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     c.send(get("/slow?ms=5000").as_bytes()).await;
@@ -458,7 +344,7 @@ async fn a_client_that_leaves_gives_its_slot_back() {
     // The slot is free again long before the app would have answered.
     let started = std::time::Instant::now();
     loop {
-        let mut d = Conn::open(&sc).await;
+        let mut d = Conn::open(sc.proxy_addr).await;
         d.send(get("/slow?ms=1").as_bytes()).await;
         let r = d.response(false).await;
         if r.status == 200 {
@@ -486,7 +372,7 @@ async fn shutting_down_answers_what_was_asked_and_says_close() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-busy-shutdown");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     c.send(get("/slow?ms=400").as_bytes()).await;
@@ -503,7 +389,7 @@ async fn a_head_sent_byte_by_byte_is_read() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-trickle");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
     for b in get(CACHED).bytes() {
@@ -525,7 +411,7 @@ async fn an_answer_that_leaves_the_upload_unread_is_flushed_whole_first() {
     let dir = TempDir::new("lane-unflushed");
     let sc = lane_sidecar(&up, &dir).await;
     let big = "/app/cached/big?size=6000000&cc=public%2Cmax-age%3D60";
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(big).as_bytes()).await;
     let stored = c.response(false).await;
     assert_eq!(stored.status, 200);
@@ -535,7 +421,7 @@ async fn an_answer_that_leaves_the_upload_unread_is_flushed_whole_first() {
     // all of it.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut c = Conn { stream: socket.connect(sc.proxy_addr).await.unwrap(), buf: Vec::new() };
+    let mut c = Conn::over(socket.connect(sc.proxy_addr).await.unwrap());
     let mut req =
         format!("GET {big} HTTP/1.1\r\nHost: lane.test\r\nContent-Length: 12000\r\n\r\n").into_bytes();
     req.extend_from_slice(&[b'x'; 12000]);
@@ -557,7 +443,7 @@ async fn oversized_and_crowded_heads_get_hypers_answers() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-big-heads");
     let sc = lane_sidecar(&up, &dir).await;
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     let stored = c.response(false).await;
 
@@ -574,7 +460,7 @@ async fn oversized_and_crowded_heads_get_hypers_answers() {
     assert!(r.header("cache-status").unwrap().contains("hit"));
 
     // A head past the lane's 64 KiB, but within hyper's limits, is hyper's to read too.
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     let big = format!("GET {CACHED} HTTP/1.1\r\nHost: lane.test\r\nX-Big: {}\r\n\r\n", "b".repeat(70 * 1024));
     c.send(big.as_bytes()).await;
     let r = c.response(false).await;
@@ -582,7 +468,7 @@ async fn oversized_and_crowded_heads_get_hypers_answers() {
 
     // One past hyper's limits is refused, and nothing reaches the app.
     let before = up.count();
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     let huge =
         format!("GET {CACHED} HTTP/1.1\r\nHost: lane.test\r\nX-Huge: {}\r\n\r\n", "h".repeat(1024 * 1024));
     let _ = c.stream.write_all(huge.as_bytes()).await;
@@ -600,7 +486,7 @@ async fn with_the_lane_off_hyper_answers_the_same() {
     let mut opts = options(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
     opts.hit_lane = false;
     let sc = start(opts).await.unwrap();
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(format!("{}{}", get(CACHED), get(CACHED)).as_bytes()).await;
     let miss = c.response(false).await;
     let hit = c.response(false).await;
@@ -617,7 +503,7 @@ async fn a_pod_limit_counts_lane_hits_once_and_refuses_like_hyper() {
     let dir = TempDir::new("lane-limit");
     let sc = lane_sidecar(&up, &dir).await;
     let tight = "/app/tight/x?cc=public%2Cmax-age%3D60";
-    let mut c = Conn::open(&sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     let mut answers = Vec::new();
     for _ in 0..4 {
         c.send(get(tight).as_bytes()).await;
@@ -639,7 +525,7 @@ async fn a_pod_limit_counts_lane_hits_once_and_refuses_like_hyper() {
     assert_eq!(up.hits("/app/tight/x"), 1);
 
     // hyper's path (HTTP/1.0 leaves the lane) refuses alike, and writes the same headers.
-    let mut h = Conn::open(&sc).await;
+    let mut h = Conn::open(sc.proxy_addr).await;
     h.send(format!("GET {tight} HTTP/1.0\r\nHost: lane.test\r\n\r\n").as_bytes()).await;
     let hyper = h.response(false).await;
     assert_eq!(hyper.status, 429);
@@ -682,7 +568,7 @@ fn seen(r: &Raw) -> String {
 /// Sends `bytes` (a request and a plain one behind it) on a new connection and reads the
 /// answers: both, or those before the connection closed.
 async fn exchange(sc: &Handle, bytes: &[u8], head_first: bool) -> Vec<String> {
-    let mut c = Conn::open(sc).await;
+    let mut c = Conn::open(sc.proxy_addr).await;
     c.send(bytes).await;
     let mut out = Vec::new();
     for head in [head_first, false] {

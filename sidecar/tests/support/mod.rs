@@ -24,7 +24,10 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{io::AsyncWriteExt, net::TcpListener};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -376,4 +379,128 @@ pub async fn send(client: &HttpClient, req: Request<Body>) -> (StatusCode, http:
 /// A value from the Prometheus text of `/metrics`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A response as read off the socket.
+#[derive(Debug)]
+pub struct Raw {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Raw {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A client that writes raw bytes and reads responses one by one (Content-Length framed, or
+/// chunked), keeping what it read past a response for the next one.
+pub struct Conn {
+    pub stream: TcpStream,
+    /// What was read past the last response.
+    pub buf: Vec<u8>,
+    /// How long a read may wait before the test fails.
+    wait: Duration,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Self {
+        Self::over(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn over(stream: TcpStream) -> Self {
+        Self { stream, buf: Vec::new(), wait: Duration::from_secs(10) }
+    }
+
+    /// Fails the test when a read waits longer than `wait` (an answer that must be prompt).
+    pub fn within(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(self.wait, self.stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("the sidecar answered within {:?}", self.wait))
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next response; `head_only` for a response to HEAD.
+    pub async fn response(&mut self, head_only: bool) -> Raw {
+        self.try_response(head_only).await.expect("the connection closed before a response")
+    }
+
+    /// The next response, `None` if the connection closes first.
+    pub async fn try_response(&mut self, head_only: bool) -> Option<Raw> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf).unwrap() {
+                let status = resp.code.unwrap();
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                let mut raw = Raw { status, headers, body: Vec::new() };
+                self.buf.drain(..n);
+                if !head_only && status != 304 && status != 204 {
+                    if raw.header("transfer-encoding").is_some() {
+                        raw.body = self.chunked().await;
+                    } else {
+                        let len: usize = raw.header("content-length").map_or(0, |v| v.parse().unwrap());
+                        while self.buf.len() < len {
+                            assert!(self.fill().await, "the connection closed inside a body");
+                        }
+                        raw.body = self.buf.drain(..len).collect();
+                    }
+                }
+                return Some(raw);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    pub async fn chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill().await);
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill().await);
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+            if size == 0 {
+                return body;
+            }
+        }
+    }
+
+    /// Whether the sidecar closed the connection (after what was read).
+    pub async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
 }
