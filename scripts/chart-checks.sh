@@ -264,12 +264,11 @@ RBAC = [
     # rotate_certificates() and reload_tls(), only with --manage-webhook.
     ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", ["create", "patch"], "cluster",
      ["apipolicy-injector"], "own-tls"),
-    # leader.rs elect_with() → kube-lease-manager LeaseManagerBuilder::build → LeaseState::create
-    # (AutoCreate): Api::<Lease>::create when the Lease is missing.
+    # leader.rs Election::try_acquire_or_renew(): Api::<Lease>::create when the Lease is missing.
     ("coordination.k8s.io", "leases", ["create"], "namespace", [], "always"),
-    # kube-lease-manager LeaseState::get/sync (Api::<Lease>::get) and LeaseState::patch
-    # (Patch::Strategic and Patch::Apply) from leader.rs campaign(): changed() and release().
-    ("coordination.k8s.io", "leases", ["get", "patch"], "namespace", ["apipolicy-operator"], "always"),
+    # leader.rs Election::try_acquire_or_renew() and release(): get_opt(LEASE), then
+    # replace(LEASE, ..) with the resourceVersion read.
+    ("coordination.k8s.io", "leases", ["get", "update"], "namespace", ["apipolicy-operator"], "always"),
     # certs.rs CertStore::ensure(): Api::<Secret>::namespaced(..).create(..) of the first bundle.
     ("", "secrets", ["create"], "namespace", [], "own-tls"),
     # certs.rs CertStore::ensure(): get_opt(SECRET), then replace(SECRET, ..) on renewal.

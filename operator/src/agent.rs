@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use serde::Serialize;
@@ -32,11 +33,28 @@ pub const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Three days of minute buckets for 32 SLOs fit well within this.
 const MAX_REPORT_BYTES: usize = 16 << 20;
 
+/// How long a follower waits on the leader for a forwarded report.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Set on a report a follower forwards (its value: the follower's identity), so that a report
+/// is forwarded at most once even while leadership moves.
+const FORWARDED_BY: &str = "apipolicy-forwarded-by";
+
 pub struct AgentApi {
     ctx: Arc<Context>,
     /// No token checks: local development only.
     insecure: bool,
     poll_timeout: Duration,
+    forwarding: Forwarding,
+}
+
+/// How a follower reaches the leader's agent API.
+#[derive(Clone, Debug, Default)]
+pub struct Forwarding {
+    /// This replica's identity in the Lease.
+    pub identity: String,
+    /// The name the agent API's certificate carries (the Service's DNS name): the leader is
+    /// reached at its pod's address, and its certificate verified against this name and the CA.
+    pub tls_name: Option<String>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -128,7 +146,11 @@ fn revision_param(query: Option<&str>) -> String {
 
 impl AgentApi {
     pub fn new(ctx: Arc<Context>, insecure: bool) -> Self {
-        Self { ctx, insecure, poll_timeout: POLL_TIMEOUT }
+        Self { ctx, insecure, poll_timeout: POLL_TIMEOUT, forwarding: Forwarding::default() }
+    }
+
+    pub fn with_forwarding(self, forwarding: Forwarding) -> Self {
+        Self { forwarding, ..self }
     }
 
     pub fn with_poll_timeout(self, poll_timeout: Duration) -> Self {
@@ -299,32 +321,22 @@ impl AgentApi {
     }
 
     async fn reports(&self, req: Request<Incoming>, key: PolicyKey) -> Reply {
+        if !self.ctx.leader.is_leader() {
+            // The leader alone keeps the histories: hand the report over as it came; the leader
+            // checks the token.
+            return self.hand_to_leader(req).await;
+        }
         let who = match self.caller(&req, &key).await {
             Ok(w) => w,
             Err(reply) => return reply,
         };
         let ctx = &self.ctx;
-        if !ctx.leader.is_leader() {
-            // The leader alone keeps the histories. Closing the connection lets the sidecar's
-            // retry reach another replica.
-            let mut r = unavailable("this replica is not the leader; retry");
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
-        }
         if !ctx.ready.load(Ordering::Acquire) {
             return unavailable("the operator is starting; retry");
         }
-        let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "report-too-large",
-                    "Payload Too Large",
-                    format!("a report may be at most {MAX_REPORT_BYTES} bytes"),
-                );
-            }
-            Err(e) => return problem(StatusCode::BAD_REQUEST, "bad-body", "Bad Request", e.to_string()),
+        let body = match read_report(req.into_body()).await {
+            Ok(b) => b,
+            Err(reply) => return reply,
         };
         let report: SloReport = match serde_json::from_slice(&body) {
             Ok(r) => r,
@@ -379,6 +391,139 @@ impl AgentApi {
     }
 }
 
+impl AgentApi {
+    /// A follower's answer to a report: the leader's answer to it, or 503 (with the connection
+    /// closed, so that the sidecar's retry may reach another replica) when there is no leader to
+    /// hand it to.
+    async fn hand_to_leader(&self, req: Request<Incoming>) -> Reply {
+        let me = &self.forwarding.identity;
+        let not_leader = |detail: String| {
+            let mut r = unavailable(detail);
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        };
+        if let Some(by) = req.headers().get(FORWARDED_BY) {
+            let by = String::from_utf8_lossy(by.as_bytes()).into_owned();
+            return not_leader(format!(
+                "replica {by} forwarded this report here, but this replica is not the leader either \
+                 (leadership is moving); retry"
+            ));
+        }
+        let leader = self.ctx.leader.holder().filter(|h| h.identity != *me);
+        let Some(leader) = leader else {
+            return not_leader(
+                "this replica is not the leader and no leader holds the Lease now; retry".into(),
+            );
+        };
+        let Some(url) = leader.agent_url.clone() else {
+            return not_leader(format!(
+                "this replica is not the leader, and the leader {} gives no agent URL in the Lease to \
+                 forward to (set --advertise-url or POD_IP there); retry",
+                leader.identity
+            ));
+        };
+        let (parts, body) = req.into_parts();
+        let body = match read_report(body).await {
+            Ok(b) => b,
+            Err(reply) => return reply,
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let forwarded = self.forward(&url, path, parts.headers.get(header::AUTHORIZATION), body);
+        match tokio::time::timeout(FORWARD_TIMEOUT, forwarded).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(why)) => {
+                tracing::warn!(leader = %leader.identity, %url, error = %why, "forwarding a report to the leader failed");
+                not_leader(format!(
+                    "this replica is not the leader, and the leader {} at {url} cannot be reached: {why}; retry",
+                    leader.identity
+                ))
+            }
+            Err(_) => not_leader(format!(
+                "this replica is not the leader, and the leader {} at {url} did not answer within {FORWARD_TIMEOUT:?}; retry",
+                leader.identity
+            )),
+        }
+    }
+
+    /// One POST to the leader on a fresh connection, verified against the operator's CA.
+    async fn forward(
+        &self,
+        url: &str,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> Result<Reply, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("the agent URL {url:?} is not valid: {e}"))?;
+        let host = uri.host().ok_or_else(|| format!("the agent URL {url:?} has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("the agent URL {url:?} is neither https:// nor http://")),
+        };
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let mut request = Request::post(path)
+            .header(header::HOST, uri.authority().map_or(host, |a| a.as_str()))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(FORWARDED_BY, &self.forwarding.identity);
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let response = if https {
+            let ca = self
+                .ctx
+                .ca
+                .load_full()
+                .ok_or("the operator's CA is unknown, so the leader cannot be verified")?;
+            let name = self.forwarding.tls_name.as_deref().unwrap_or(host).to_owned();
+            let stream = crate::tls::connect(&ca, &name, tcp).await?;
+            send_once(TokioIo::new(stream), request).await?
+        } else {
+            send_once(TokioIo::new(tcp), request).await?
+        };
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, 1 << 20).collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let mut reply = Response::new(Full::new(bytes));
+        *reply.status_mut() = parts.status;
+        for name in
+            [header::CONTENT_TYPE, header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::CACHE_CONTROL]
+        {
+            if let Some(value) = parts.headers.get(&name) {
+                reply.headers_mut().insert(name, value.clone());
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// A report's body, at most [`MAX_REPORT_BYTES`].
+async fn read_report(body: Incoming) -> Result<Bytes, Reply> {
+    match Limited::new(body, MAX_REPORT_BYTES).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "report-too-large",
+            "Payload Too Large",
+            format!("a report may be at most {MAX_REPORT_BYTES} bytes"),
+        )),
+        Err(e) => Err(problem(StatusCode::BAD_REQUEST, "bad-body", "Bad Request", e.to_string())),
+    }
+}
+
+async fn send_once<I>(io: I, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::SocketAddr, time::Instant};
@@ -397,6 +542,7 @@ mod tests {
         fixtures::{
             ApiServerVerifier, Scenario, Seed, TEST_NOW_MS, pod, quickstart, report, timeout_after_1s,
         },
+        leader::Holder,
         tls::ServerTls,
     };
 
@@ -460,6 +606,10 @@ mod tests {
     }
 
     async fn start(ctx: Arc<Context>, insecure: bool, poll: Duration) -> Server {
+        serve_api(AgentApi::new(ctx, insecure).with_poll_timeout(poll), insecure).await
+    }
+
+    async fn serve_api(api: AgentApi, insecure: bool) -> Server {
         let listener = crate::serve::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tls, ca) = if insecure {
@@ -469,7 +619,7 @@ mod tests {
             (Some(ServerTls::from_pem(&b.cert, &b.key).unwrap().acceptor()), Some(b.ca_cert))
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let handler = AgentApi::new(ctx, insecure).with_poll_timeout(poll).handler();
+        let handler = api.handler();
         tokio::spawn(crate::serve::serve(listener, tls, handler, async move {
             let _ = stopped.await;
         }));
@@ -739,22 +889,103 @@ mod tests {
         assert_problem(status, &headers, &problem, StatusCode::BAD_REQUEST, "buckets are one minute");
     }
 
+    /// A follower of `leader`, serving plain HTTP, that trusts `ca`.
+    async fn follower(leader: Option<Holder>, ca: Option<&str>) -> (Arc<Context>, ApiServerVerifier, Server) {
+        let (ctx, verifier) = Context::test(Seed { following: leader, ..seed(false) });
+        ctx.configs.publish(&key_of(&quickstart()), apipolicy_api::compile(&quickstart()).unwrap(), 1);
+        ctx.ca.store(ca.map(|c| Arc::new(c.to_owned())));
+        let forwarding = Forwarding { identity: "follower".into(), tls_name: Some("localhost".into()) };
+        let server = serve_api(AgentApi::new(ctx.clone(), true).with_forwarding(forwarding), true).await;
+        (ctx, verifier, server)
+    }
+
+    fn leader_at(url: String) -> Holder {
+        Holder { identity: "the-leader".into(), agent_url: Some(url) }
+    }
+
+    const REPORTS: &str = "/v1/policies/shop/products/reports";
+
     #[tokio::test]
-    async fn a_follower_turns_reports_away_but_serves_config() {
-        let (ctx, verifier) = Context::test(seed(false));
+    async fn a_follower_hands_reports_to_the_leader_and_serves_config_itself() {
+        let (leader_ctx, verifier) = Context::test(seed(true));
+        let mocks = verifier.run(Scenario::TokenReviews(vec![
+            ("good".into(), bound_to("products-1")),
+            ("forged".into(), rejected()),
+        ]));
         let key = key_of(&quickstart());
-        ctx.configs.publish(&key, apipolicy_api::compile(&quickstart()).unwrap(), 1);
-        let server = start(ctx, true, Duration::from_secs(30)).await;
+        leader_ctx.configs.publish(&key, apipolicy_api::compile(&quickstart()).unwrap(), 1);
+        let leader = start(leader_ctx.clone(), false, Duration::from_secs(30)).await;
+        let url = format!("https://127.0.0.1:{}", leader.addr.port());
+        let (_, follower_api, follower) = follower(Some(leader_at(url)), leader.ca.as_deref()).await;
+
+        // Over TLS to the leader's address, verified for the Service's name; the leader checks the
+        // token and merges the report.
         let body = serde_json::to_vec(&report("products-1", TEST_NOW_MS, 9, 10)).unwrap();
+        let (status, _, ack) = call(&follower, Method::POST, REPORTS, Some("good"), Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(serde_json::from_value::<ReportAck>(ack).unwrap(), ReportAck { ack_ms: 0 });
+        let slos = leader_ctx.configs.current(&key).unwrap().config.spec.slos.clone();
+        let figures = leader_ctx.budgets.statuses(&key, &slos, TEST_NOW_MS, || unreachable!());
+        assert_eq!((figures[0].good_requests, figures[0].total_requests), (9, 10));
+        assert_eq!(leader_ctx.metrics.agent_requests.with_label_values(&["reports", "200"]).get(), 1);
+
+        // The leader's refusals come back as they are.
+        let body = serde_json::to_vec(&report("products-1", TEST_NOW_MS, 1, 1)).unwrap();
         let (status, headers, problem) =
-            call(&server, Method::POST, "/v1/policies/shop/products/reports", None, Some(body)).await;
-        assert_problem(status, &headers, &problem, StatusCode::SERVICE_UNAVAILABLE, "not the leader");
+            call(&follower, Method::POST, REPORTS, Some("forged"), Some(body)).await;
+        assert_problem(status, &headers, &problem, StatusCode::UNAUTHORIZED, "");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        timeout_after_1s(mocks).await;
+
+        // Config is served by every replica.
+        let (status, _, _) =
+            call(&follower, Method::GET, "/v1/policies/shop/products/config", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        timeout_after_1s(follower_api.run(Scenario::Nothing)).await;
+    }
+
+    #[tokio::test]
+    async fn a_follower_without_a_leader_to_hand_to_answers_503_and_closes() {
+        let body = serde_json::to_vec(&report("products-1", TEST_NOW_MS, 9, 10)).unwrap();
+        // Nobody holds the Lease.
+        let (_, _, server) = follower(None, None).await;
+        let (status, headers, problem) = call(&server, Method::POST, REPORTS, None, Some(body.clone())).await;
+        assert_problem(
+            status,
+            &headers,
+            &problem,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no leader holds the Lease",
+        );
         assert_eq!(headers[header::CONNECTION], "close");
         assert_eq!(headers[header::RETRY_AFTER], "1");
-        let (status, _, _) =
-            call(&server, Method::GET, "/v1/policies/shop/products/config", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        timeout_after_1s(verifier.run(Scenario::Nothing)).await;
+
+        // The leader gives no URL.
+        let (_, _, server) =
+            follower(Some(Holder { identity: "the-leader".into(), agent_url: None }), None).await;
+        let (status, headers, problem) = call(&server, Method::POST, REPORTS, None, Some(body.clone())).await;
+        assert_problem(status, &headers, &problem, StatusCode::SERVICE_UNAVAILABLE, "gives no agent URL");
+
+        // The leader is gone: its address refuses connections.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let url = format!("http://{gone}");
+        let (_, _, server) = follower(Some(leader_at(url.clone())), None).await;
+        let (status, headers, problem) = call(&server, Method::POST, REPORTS, None, Some(body.clone())).await;
+        assert_problem(
+            status,
+            &headers,
+            &problem,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the-leader at {url} cannot be reached"),
+        );
+        assert_eq!(headers[header::CONNECTION], "close");
+
+        // A report another follower forwarded is never forwarded again: the "leader" it was sent
+        // to is a follower too, which hands it to another "leader" that is this one.
+        let (_, _, first) = follower(None, None).await;
+        let (_, _, second) = follower(Some(leader_at(format!("http://{}", first.addr))), None).await;
+        let (status, headers, problem) = call(&second, Method::POST, REPORTS, None, Some(body)).await;
+        assert_problem(status, &headers, &problem, StatusCode::SERVICE_UNAVAILABLE, "not the leader either");
     }
 
     impl ApiServerVerifier {

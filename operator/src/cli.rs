@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// of --agent-addr.
     #[arg(long, env = "APIPOLICY_AGENT_URL")]
     pub agent_url: Option<String>,
+    /// This replica's own agent API URL, written into the leader-election Lease while it leads:
+    /// the other replicas forward the sidecars' SLO reports there. Default: the scheme of the
+    /// agent API with POD_IP (set by the chart) and the port of --agent-addr, else --agent-addr
+    /// itself when it is not a wildcard address; without one, followers answer reports 503.
+    #[arg(long, env = "APIPOLICY_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Serve the agent API over plain HTTP without checking tokens. Local development only:
     /// anyone who reaches the port can read configs and write SLO reports.
     #[arg(long, env = "APIPOLICY_INSECURE_AGENT_API")]

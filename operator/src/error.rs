@@ -48,9 +48,6 @@ pub enum Error {
         source: kube::Error,
     },
 
-    #[error("leader election: {0}")]
-    LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
-
     #[error("reading {path}: {source}")]
     ReadFile {
         path: PathBuf,
@@ -121,7 +118,6 @@ impl Error {
             Self::Discovery(_) => "discovery",
             Self::TokenReview(_) => "token_review",
             Self::GetPod { .. } => "get_pod",
-            Self::LeaderElection(_) => "leader_election",
             Self::ReadFile { .. } => "read_file",
             Self::Tls { .. } => "tls",
             Self::Certificate(_) => "certificate",

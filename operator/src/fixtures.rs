@@ -144,6 +144,8 @@ pub struct Seed {
     pub config_maps: Vec<ConfigMap>,
     /// Leads unless set to false.
     pub leader: Option<bool>,
+    /// A follower of this leader (`leader` is then ignored).
+    pub following: Option<crate::leader::Holder>,
 }
 
 impl Seed {
@@ -546,7 +548,10 @@ impl Context {
         let ctx = Context::new(
             client,
             stores,
-            Leader::fixed(seed.leader.unwrap_or(true)),
+            match seed.following {
+                Some(holder) => Leader::following(holder),
+                None => Leader::fixed(seed.leader.unwrap_or(true)),
+            },
             Arc::new(Metrics::new().expect("metrics register")),
             "test",
             triggers,

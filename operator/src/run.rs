@@ -20,7 +20,7 @@ use kube::{
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    agent::AgentApi,
+    agent::{AgentApi, Forwarding},
     caches::Cache,
     certs::{self, Bundle, CertStore},
     cli::RunArgs,
@@ -28,7 +28,7 @@ use crate::{
     controller,
     error::{Error, Result},
     inject::InjectConfig,
-    leader,
+    leader::{self, Candidate},
     metrics::{self, Metrics},
     render::MANAGED_BY_SELECTOR,
     serve::{self, Handler},
@@ -76,6 +76,19 @@ fn on_signal() -> Stopping {
         let _ = tx.send(true);
     });
     Stopping(rx)
+}
+
+/// Where the other replicas reach this one's agent API: --advertise-url, else POD_IP with the
+/// agent port, else --agent-addr when it names one address.
+fn advertise_url(args: &RunArgs) -> Option<String> {
+    if let Some(url) = &args.advertise_url {
+        return Some(url.clone());
+    }
+    let scheme = if args.insecure_agent_api { "http" } else { "https" };
+    let port = args.agent_addr.port();
+    let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    let ip = pod_ip.or_else(|| (!args.agent_addr.ip().is_unspecified()).then(|| args.agent_addr.ip()))?;
+    Some(format!("{scheme}://{}", std::net::SocketAddr::new(ip, port)))
 }
 
 fn default_identity() -> String {
@@ -243,11 +256,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let webhook_listener = serve::bind(args.webhook_addr).await?;
 
     let (election_stop, election_stopped) = oneshot::channel::<()>();
-    let (leader, election) = leader::elect(client.clone(), &namespace, &identity, async move {
-        let _ = election_stopped.await;
-    })
-    .await?;
-    tracing::info!(%identity, %namespace, lease = leader::LEASE, "competing for leadership");
+    let candidate = Candidate { identity: identity.clone(), agent_url: advertise_url(&args) };
+    tracing::info!(%identity, %namespace, lease = leader::LEASE, agent_url = ?candidate.agent_url, "competing for leadership");
+    let (leader, election) =
+        leader::elect(client.clone(), &namespace, candidate, leader::Timing::default(), async move {
+            let _ = election_stopped.await;
+        });
 
     let (policies, policy_writer) = reflector::store_shared::<ApiPolicy>(SUBSCRIBE_BUFFER);
     let (pods, pod_writer) = reflector::store_shared::<Pod>(SUBSCRIBE_BUFFER);
@@ -353,7 +367,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(serve::serve(
             agent_listener,
             (!args.insecure_agent_api).then(|| tls.acceptor()),
-            AgentApi::new(ctx.clone(), args.insecure_agent_api).handler(),
+            AgentApi::new(ctx.clone(), args.insecure_agent_api)
+                .with_forwarding(Forwarding {
+                    identity: identity.clone(),
+                    tls_name: agent_url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)),
+                })
+                .handler(),
             stopping.wait(),
         )),
         tokio::spawn(serve::serve(

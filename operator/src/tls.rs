@@ -135,6 +135,30 @@ impl ServerTls {
     }
 }
 
+/// A TLS client connection to another replica, verified against `ca_pem` for `name`.
+pub async fn connect(
+    ca_pem: &str,
+    name: &str,
+    tcp: tokio::net::TcpStream,
+) -> std::result::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the CA is not valid PEM: {e}"))?;
+        roots.add(cert).map_err(|e| format!("the CA is not a valid certificate: {e}"))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("{name:?} is not a server name: {e}"))?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {name}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

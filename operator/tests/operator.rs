@@ -584,9 +584,10 @@ mod e2e {
             let webhook_config = format!("apipolicy-injector-{ns}");
             let mut operator = start_operator(&operator_ns, &log, host.as_deref(), &webhook_config);
             let injection = host.is_some().then_some(webhook_config.as_str());
-            let outcome = std::panic::AssertUnwindSafe(suite(&client, &ns, &operator.1, injection))
-                .catch_unwind()
-                .await;
+            let outcome =
+                std::panic::AssertUnwindSafe(suite(&client, &ns, &operator_ns, &operator.1, injection))
+                    .catch_unwind()
+                    .await;
             let _ = operator.0.kill();
             let _ = operator.0.wait();
             let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
@@ -772,6 +773,122 @@ mod e2e {
         }
     }
 
+    /// The sidecar binary beside the operator's, built when missing.
+    fn sidecar_binary() -> std::path::PathBuf {
+        let path = std::path::Path::new(BIN).with_file_name("apipolicy-sidecar");
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let built = Command::new(cargo)
+                .args(["build", "-p", "apipolicy-sidecar", "--bin", "apipolicy-sidecar"])
+                .current_dir(ROOT)
+                .status()
+                .unwrap();
+            assert!(built.success(), "building the sidecar failed");
+        }
+        path
+    }
+
+    /// A second replica follows; a sidecar on the follower's agent API gets every one of 50
+    /// policy edits within a second, and its SLO reports reach the leader through the follower
+    /// (the policy's status counts them).
+    async fn replicas_and_push(client: &Client, ns: &str, operator_ns: &str) {
+        let api: Api<ApiPolicy> = Api::namespaced(client.clone(), ns);
+        let log = std::env::temp_dir().join(format!("{ns}-follower.log"));
+        let mut follower = start_operator(operator_ns, &log, None, &format!("apipolicy-injector-{ns}"));
+        let (follower_agent, follower_metrics) = follower.1;
+        let gauge = |text: &str, name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        };
+        eventually("the second replica is ready and follows", || async {
+            let (status, _) = get(follower_metrics, "/readyz").await?;
+            let (_, text) = get(follower_metrics, "/metrics").await?;
+            (status == 200 && gauge(&text, "apipolicy_operator_leader ") == Some(0.0)).then_some(())
+        })
+        .await;
+
+        let config_map: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        let cm = config_map.get("apipolicy-products").await.unwrap();
+        let file = std::env::temp_dir().join(format!("{ns}-products.json"));
+        std::fs::write(&file, &cm.data.as_ref().unwrap()["config.json"]).unwrap();
+        let (listen, admin, dead) = (free_port(), free_port(), free_port());
+        let sidecar_log =
+            std::fs::File::create(std::env::temp_dir().join(format!("{ns}-sidecar.log"))).unwrap();
+        let mut sidecar = Command::new(sidecar_binary())
+            .args(["--policy", file.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{listen}"), "--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--upstream", &format!("http://127.0.0.1:{dead}")])
+            .args(["--operator", &format!("http://127.0.0.1:{follower_agent}")])
+            .args(["--pod-name", "e2e-sidecar", "--report-interval", "1s", "--log", "warn"])
+            .stdout(Stdio::from(sidecar_log.try_clone().unwrap()))
+            .stderr(Stdio::from(sidecar_log))
+            .spawn()
+            .unwrap();
+        let revision_of_sidecar = || async {
+            let (status, body) = get(admin, "/config").await?;
+            let config: Value = serde_json::from_str(&body).ok()?;
+            (status == 200).then(|| config["revision"].as_str().map(str::to_owned)).flatten()
+        };
+        let mut previous = eventually("the sidecar is up", revision_of_sidecar).await;
+
+        // 50 edits, one at a time: from `kubectl apply` returning to the sidecar's /config.
+        let base = api.get("products").await.unwrap();
+        let mut latencies = Vec::new();
+        for i in 0..50 {
+            let mut edited = base.clone();
+            edited.spec.upstream.timeout = Some(format!("{}s", 20 + i).parse().unwrap());
+            apply(&api, &edited).await.unwrap();
+            let applied = Instant::now();
+            loop {
+                if let Some(now) = revision_of_sidecar().await
+                    && now != previous
+                {
+                    previous = now;
+                    break;
+                }
+                assert!(
+                    applied.elapsed() < Duration::from_secs(20),
+                    "edit {i} did not reach the sidecar in 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            latencies.push(applied.elapsed());
+        }
+        latencies.sort();
+        let (p50, p99, max) = (latencies[24], latencies[48], latencies[49]);
+        println!("e2e: 50 policy edits reached the sidecar: p50 {p50:?}, p99 {p99:?}, max {max:?}");
+        assert!(
+            max < Duration::from_secs(1),
+            "every edit lands within 1 s: p50 {p50:?} p99 {p99:?} max {max:?}"
+        );
+        let status_revision = eventually("the status shows the last edit", || async {
+            let got = api.get("products").await.ok()?;
+            let s = got.status?;
+            (s.observed_generation == got.metadata.generation).then_some(s.config_revision?)
+        })
+        .await;
+        assert_eq!(status_revision, previous, "the sidecar runs the revision of the last edit");
+
+        // Requests through the sidecar (the app is down: 503s), reported to the follower, merged
+        // by the leader into the status.
+        for _ in 0..20 {
+            let (status, _) = get(listen, "/api/products").await.expect("the sidecar answers");
+            assert_eq!(status, 503);
+        }
+        eventually("the leader's status counts the reports the follower forwarded", || async {
+            let got = api.get("products").await.ok()?;
+            let slo = got.status?.slos.into_iter().find(|s| s.name == "availability")?;
+            (slo.total_requests >= 20).then_some(())
+        })
+        .await;
+        let (_, text) = get(follower_metrics, "/metrics").await.unwrap();
+        assert_eq!(gauge(&text, "apipolicy_operator_leader "), Some(0.0), "the follower still follows");
+        let _ = sidecar.kill();
+        let _ = sidecar.wait();
+        let _ = follower.0.kill();
+        let _ = follower.0.wait();
+        let _ = std::fs::remove_file(&file);
+    }
+
     async fn get(port: u16, path: &str) -> Option<(u16, String)> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -820,7 +937,13 @@ mod e2e {
         out
     }
 
-    async fn suite(client: &Client, ns: &str, &(agent, metrics): &(u16, u16), webhook_config: Option<&str>) {
+    async fn suite(
+        client: &Client,
+        ns: &str,
+        operator_ns: &str,
+        &(agent, metrics): &(u16, u16),
+        webhook_config: Option<&str>,
+    ) {
         eventually("the operator is ready", || async {
             (get(metrics, "/readyz").await?.0 == 200).then_some(())
         })
@@ -947,6 +1070,8 @@ mod e2e {
                  server reaches (on kind it is found by itself)"
             ),
         }
+
+        replicas_and_push(client, ns, operator_ns).await;
 
         // Deleting a policy deletes its ConfigMap.
         api.delete("products", &DeleteParams::default()).await.unwrap();
