@@ -102,6 +102,7 @@ impl Agent {
 
     async fn poll_config(self: Arc<Self>, sidecar: Arc<Sidecar>) {
         let mut backoff = Duration::from_millis(500);
+        let mut retried_at_once = false;
         loop {
             let (revision, replicas) = {
                 let a = sidecar.proxy.active.load();
@@ -113,6 +114,7 @@ impl Agent {
                 Ok(body) => match serde_json::from_slice::<AgentConfig>(&body) {
                     Ok(agent) => {
                         backoff = Duration::from_millis(500);
+                        retried_at_once = false;
                         if agent.config.revision != revision || agent.ready_replicas.max(1) != replicas {
                             crate::server::apply_config(
                                 &sidecar,
@@ -128,6 +130,13 @@ impl Agent {
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
                 },
+                // The connection broke after it was made (the operator restarted, or closed it as
+                // it answered): the next try most likely works, so it goes at once, once.
+                Err(e @ AgentError::Http(_)) if !retried_at_once => {
+                    retried_at_once = true;
+                    tracing::info!(error = %e, "config long-poll interrupted; polling again at once");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config long-poll failed; the mounted policy file stays in use");
                     tokio::time::sleep(backoff).await;

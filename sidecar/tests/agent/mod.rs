@@ -29,6 +29,8 @@ const TOKEN: &str = "projected-token-of-test-pod";
 /// The operator's agent API, as far as a sidecar can tell.
 struct Operator {
     config: watch::Sender<AgentConfig>,
+    /// Drops every open connection without an answer.
+    cut: Arc<tokio::sync::Notify>,
     reports: Arc<Mutex<Vec<SloReport>>>,
     url: String,
 }
@@ -44,29 +46,38 @@ async fn serve_operator(first: AgentConfig, tls: Option<tokio_rustls::TlsAccepto
     let reports = Arc::new(Mutex::new(Vec::new()));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (tx, store) = (config.clone(), reports.clone());
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let cuts = cut.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let (tx, store, tls) = (tx.clone(), store.clone(), tls.clone());
+            let (tx, store, tls, cut) = (tx.clone(), store.clone(), tls.clone(), cuts.clone());
             let service = service_fn(move |req| {
                 let (tx, store) = (tx.clone(), store.clone());
                 async move { Ok::<_, Infallible>(agent_api(req, tx, store).await) }
             });
             tokio::spawn(async move {
                 let builder = auto::Builder::new(TokioExecutor::new());
+                let cut = cut.notified();
                 match tls {
                     Some(acceptor) => {
                         let stream = acceptor.accept(stream).await.unwrap();
-                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        tokio::select! {
+                            _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                            () = cut => {}
+                        }
                     }
                     None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        tokio::select! {
+                            _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                            () = cut => {}
+                        }
                     }
                 }
             });
         }
     });
-    Operator { config, reports, url: format!("{scheme}://localhost:{port}") }
+    Operator { config, cut, reports, url: format!("{scheme}://localhost:{port}") }
 }
 
 async fn agent_api(
@@ -167,23 +178,42 @@ async fn run_against(tls: Option<(tokio_rustls::TlsAcceptor, std::path::PathBuf)
     let took = wait_for_revision(sc.admin_addr, &v3.revision, Duration::from_secs(2)).await;
     assert!(sent.elapsed() < Duration::from_millis(500), "long-poll took {took:?}");
 
+    // The operator drops the held long-poll without an answer (it restarted, or closed the
+    // connection as it answered): the sidecar polls again at once, not after a backoff, so the
+    // next change still arrives at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    operator.cut.notify_waiters();
+    let v4 = compiled(&policy(&V1.replace("objective: 99", "objective: 99.95")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let sent = Instant::now();
+    operator.config.send_replace(AgentConfig { config: v4.clone(), ready_replicas: 2 });
+    wait_for_revision(sc.admin_addr, &v4.revision, Duration::from_secs(3)).await;
+    assert!(
+        sent.elapsed() < Duration::from_millis(300),
+        "after a dropped long-poll the change took {:?}",
+        sent.elapsed()
+    );
+
     // Reports carry what the SLO counted: 2 allowed requests; the 429 is left out.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let total: u64 = {
+        let (total, revision): (u64, String) = {
             let reports = operator.reports.lock().unwrap();
-            reports.last().map(|r| r.slos[0].buckets.iter().map(|b| b.total).sum()).unwrap_or_default()
+            reports
+                .last()
+                .map(|r| (r.slos[0].buckets.iter().map(|b| b.total).sum(), r.revision.clone()))
+                .unwrap_or_default()
         };
-        if total == 2 {
+        if total == 2 && revision == v4.revision {
             break;
         }
-        assert!(Instant::now() < deadline, "no report with the requests arrived");
+        assert!(Instant::now() < deadline, "no report with the requests and the last revision arrived");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reports = operator.reports.lock().unwrap().clone();
     let last = reports.last().unwrap();
     assert_eq!(last.pod, "test-pod");
-    assert_eq!(last.revision, v3.revision);
+    assert_eq!(last.revision, v4.revision);
     assert_eq!(last.slos[0].name, "availability");
     assert!(last.started_at_ms <= last.sent_at_ms);
     assert!(last.slos[0].buckets.iter().all(|b| b.width_ms == 60_000 && b.start_ms % 60_000 == 0));
