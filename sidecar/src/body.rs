@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
-use crate::proxy::Finish;
+use crate::accounting::Finish;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -1,8 +1,11 @@
 //! Request headers as the route matcher and the cache's hit path read them: from hyper's
 //! `HeaderMap`, or straight from the parsed bytes of an HTTP/1 request head (the cache-hit
-//! lane, [`crate::lane`]), so that a hit needs no map built.
+//! lane), so that a hit needs no map built.
 
 use http::{HeaderMap, HeaderName, StatusCode};
+
+/// The request id header, kept or made for every request.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub trait RequestHeaders {
     /// The first value of `name` (what `HeaderMap::get` gives).

@@ -19,7 +19,7 @@ use prometheus::{Histogram, IntGauge};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::{metrics::Metrics, state::Upstream};
+use crate::{metrics::Metrics, upstream::Upstream};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

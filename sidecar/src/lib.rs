@@ -1,5 +1,6 @@
 //! The ApiPolicy sidecar: a reverse proxy that enforces one ApiPolicy in front of one app.
 
+pub mod accounting;
 pub mod admin;
 pub mod agent;
 pub mod body;
@@ -14,8 +15,10 @@ pub mod headers;
 pub mod health;
 pub mod lane;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod ratelimit;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod signal;

@@ -25,7 +25,8 @@ use crate::{
     metrics::Metrics,
     proxy::Proxy,
     slo::Slos,
-    state::{Active, Settings, Upstream},
+    state::{Active, Settings},
+    upstream::Upstream,
 };
 
 /// How to run the sidecar (the command line, less logging and threads).

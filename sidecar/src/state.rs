@@ -10,10 +10,10 @@ use std::{
 };
 
 use apipolicy_api::{CacheConfig, CompressionConfig, SidecarConfig};
-use http::uri::{Authority, Scheme};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::{
+    accounting::{Finish, Ledger},
     cache::{Store, shared::Shared},
     clientip::TrustedProxies,
     error::ProxyError,
@@ -22,7 +22,7 @@ use crate::{
     ratelimit::{RouteLimiter, redis::RedisStore},
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
-    upstream::UpstreamPool,
+    upstream::{Upstream, UpstreamPool},
 };
 
 pub struct Active {
@@ -158,42 +158,6 @@ impl Concurrency {
     }
 }
 
-/// Where requests go: `--upstream`, or the policy's port on the pod's loopback address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upstream {
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl Upstream {
-    pub fn from_url(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url.parse().map_err(|e| format!("--upstream {url:?} is not a URL: {e}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(format!(
-                "--upstream {url:?} must be an http:// URL (the app is on the pod's network)"
-            ));
-        }
-        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
-            return Err(format!("--upstream {url:?} must be scheme://host:port only, without a path"));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {url:?} has no host"))?;
-        Ok(Self { scheme: Scheme::HTTP, authority })
-    }
-
-    pub fn loopback(port: u16) -> Self {
-        Self {
-            scheme: Scheme::HTTP,
-            authority: format!("127.0.0.1:{port}").parse().expect("a loopback authority is valid"),
-        }
-    }
-
-    /// `host:port` for TCP health probes.
-    pub fn address(&self) -> String {
-        let port = self.authority.port_u16().unwrap_or(80);
-        format!("{}:{port}", self.authority.host())
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
@@ -321,5 +285,48 @@ impl Active {
             route_slos,
             generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+}
+
+impl Ledger for Active {
+    fn logs_access(&self) -> bool {
+        self.access_log
+    }
+
+    fn record(&self, entry: &Finish, elapsed: Duration, bytes: u64) {
+        let route = &self.routes[entry.route()];
+        route.metrics.request_duration.observe(elapsed.as_secs_f64());
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        for i in &self.route_slos[entry.route()] {
+            self.slos[*i].record(entry.status, elapsed_ms, entry.policy_answer);
+        }
+        route.metrics.count(&entry.method, entry.status);
+        self.in_flight.dec();
+        if self.access_log {
+            tracing::info!(
+                target: "access",
+                request_id = entry.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                route = route.metrics.name.as_str(),
+                method = entry.method.as_str(),
+                path = entry.path.as_ref().map_or("/", |p| p.as_str()),
+                status = entry.status,
+                duration_ms = elapsed_ms,
+                upstream_ms = entry.upstream_ms,
+                bytes,
+            );
+        }
+    }
+
+    fn abandon(&self, entry: &Finish, elapsed: Duration) {
+        let route = &self.routes[entry.route()];
+        route.metrics.request_duration.observe(elapsed.as_secs_f64());
+        route.metrics.count(&entry.method, 499);
+        self.in_flight.dec();
+    }
+
+    fn release_slot(&self, route: usize) {
+        if let Some(c) = &self.routes[route].concurrency {
+            c.release();
+        }
     }
 }

@@ -8,12 +8,51 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{Request, Response};
+use http::{
+    Request, Response,
+    uri::{Authority, Scheme},
+};
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::UpstreamBody;
+
+/// Where requests go: `--upstream`, or the policy's port on the pod's loopback address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl Upstream {
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("--upstream {url:?} is not a URL: {e}"))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(format!(
+                "--upstream {url:?} must be an http:// URL (the app is on the pod's network)"
+            ));
+        }
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(format!("--upstream {url:?} must be scheme://host:port only, without a path"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {url:?} has no host"))?;
+        Ok(Self { scheme: Scheme::HTTP, authority })
+    }
+
+    pub fn loopback(port: u16) -> Self {
+        Self {
+            scheme: Scheme::HTTP,
+            authority: format!("127.0.0.1:{port}").parse().expect("a loopback authority is valid"),
+        }
+    }
+
+    /// `host:port` for TCP health probes.
+    pub fn address(&self) -> String {
+        let port = self.authority.port_u16().unwrap_or(80);
+        format!("{}:{port}", self.authority.host())
+    }
+}
 
 /// Idle connections kept at most, as `pool_max_idle_per_host` was.
 const MAX_IDLE: usize = 1024;

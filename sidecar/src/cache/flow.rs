@@ -20,11 +20,12 @@ use super::{
     shared::{FillLock, Shared},
 };
 use crate::{
+    accounting::Finish,
     body::{Buffered, ProxyBody, UpstreamBody, buffer},
     compress,
     error::ProxyError,
     headers::{Raw, RequestHeaders},
-    proxy::{Finish, prepare, send},
+    outbound::{prepare, send},
     state::{Active, RouteRuntime},
 };
 
@@ -473,7 +474,7 @@ fn hit_headers(
     // insert replaces a value instead of growing a copy of this map on every hit. HeaderMap
     // grows on any insert into a full table, even one that replaces: leave room (a clone
     // keeps it).
-    h.insert(crate::proxy::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
+    h.insert(crate::headers::X_REQUEST_ID.clone(), HeaderValue::from_static("-"));
     h.reserve(2);
     h
 }

@@ -214,7 +214,7 @@ impl HitHead {
         crate::headers::status_line(&mut wire, status);
         let mut limit_headers = false;
         for (name, value) in &headers {
-            if name == crate::proxy::X_REQUEST_ID {
+            if name == crate::headers::X_REQUEST_ID {
                 continue;
             }
             limit_headers |= crate::ratelimit::HEADER_NAMES.contains(&name.as_str());
