@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::{health::Status, server::Sidecar};
+use crate::{health::Status, sidecar::Sidecar};
 
 /// Probes and scrapers reach `/healthz`, `/readyz`, `/metrics` and `/slo` as they must;
 /// `/config` and `POST /purge` are refused as [`refusal`] says.

@@ -11,24 +11,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use apipolicy_api::report::{AgentConfig, ReportAck};
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri, header};
+use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::net::TcpStream;
 
-use crate::server::Sidecar;
-
-#[derive(Clone, Debug)]
-pub struct AgentOptions {
-    /// `https://host:port` (or `http://` for an operator run with `--insecure-agent-api`).
-    pub url: Uri,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    /// This pod's name, for reports.
-    pub pod: String,
-    pub report_interval: Duration,
-}
+pub use crate::sidecar::AgentOptions;
+use crate::sidecar::Sidecar;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -116,7 +106,7 @@ impl Agent {
                         backoff = Duration::from_millis(500);
                         retried_at_once = false;
                         if agent.config.revision != revision || agent.ready_replicas.max(1) != replicas {
-                            crate::server::apply_config(
+                            crate::sidecar::apply_config(
                                 &sidecar,
                                 agent.config,
                                 agent.ready_replicas.max(1),

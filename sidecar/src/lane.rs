@@ -47,7 +47,7 @@ use crate::{
     body::ProxyBody,
     headers::{Raw, header_line, status_line},
     proxy::{LaneAnswer, LaneRequest},
-    server::Conns,
+    sidecar::Conns,
     values::Text,
 };
 
@@ -261,7 +261,7 @@ async fn leave(
         .auto
         .serve_connection_with_upgrades(
             TokioIo::new(io),
-            crate::server::proxy_service(conns.sidecar.clone(), peer),
+            crate::sidecar::proxy_service(conns.sidecar.clone(), peer),
         )
         .into_owned();
     // The watcher is held to the end: the sidecar waits for this connection as for any other

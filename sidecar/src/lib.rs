@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod request_id;
 pub mod routes;
 pub mod server;
+pub mod sidecar;
 pub mod signal;
 pub mod slo;
 pub mod state;

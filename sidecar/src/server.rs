@@ -1,66 +1,26 @@
 //! Starting, reloading and stopping the sidecar.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use apipolicy_api::{SidecarConfig, manifest::load_sidecar_config};
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
+pub use crate::sidecar::Options;
 use crate::{
-    agent::{Agent, AgentOptions},
+    agent::Agent,
     cache::{CacheMetrics, Store},
     metrics::Metrics,
     proxy::Proxy,
+    sidecar::{Conns, Sidecar, apply_config, proxy_service},
     slo::Slos,
     state::{Active, Settings},
     upstream::Upstream,
 };
-
-/// How to run the sidecar (the command line, less logging and threads).
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub policy: PathBuf,
-    pub upstream: Option<String>,
-    pub listen: SocketAddr,
-    pub admin: SocketAddr,
-    pub reload_interval: Duration,
-    /// After a stop signal, how long to keep accepting while `/readyz` fails, so that load
-    /// balancers stop sending new requests first.
-    pub drain_delay: Duration,
-    /// How long requests in flight may take to finish after the listener closes.
-    pub shutdown_timeout: Duration,
-    pub access_log: bool,
-    /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by.
-    pub replicas: u32,
-    /// Redis for `scope: Global` limits, over `spec.redis.url`; several comma-separated URLs
-    /// are the seed nodes of a Redis Cluster.
-    pub redis: Option<String>,
-    /// The operator's agent API, for config updates and SLO reports.
-    pub operator: Option<AgentOptions>,
-    /// The most bytes the response cache holds.
-    pub cache_bytes: u64,
-    /// Whether plain cache hits on HTTP/1.1 are answered by the lane ([`crate::lane`]).
-    pub hit_lane: bool,
-    /// What `/config` and `POST /purge` require (see [`crate::admin`]).
-    pub admin_token: Option<String>,
-    /// The most client connections open at once.
-    pub max_connections: u32,
-    /// How long a client connection may wait for a request head (idle keep-alive included).
-    pub idle_timeout: Duration,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -72,21 +32,6 @@ pub enum StartError {
     Upstream(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-}
-
-/// What the listeners share.
-pub struct Sidecar {
-    pub proxy: Proxy,
-    pub metrics: Metrics,
-    draining: AtomicBool,
-    pub settings: Settings,
-    pub(crate) options: Options,
-}
-
-impl Sidecar {
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
 }
 
 /// A running sidecar.
@@ -162,13 +107,7 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
     let admin_addr = admin.local_addr().expect("a bound listener has an address");
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, upstream = %active.upstream.authority, "listening");
 
-    let sidecar = Arc::new(Sidecar {
-        proxy: Proxy::new(active),
-        metrics,
-        draining: AtomicBool::new(false),
-        settings,
-        options: options.clone(),
-    });
+    let sidecar = Arc::new(Sidecar::new(Proxy::new(active), metrics, settings, options.clone()));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(sidecar.clone(), listener, admin, stopped, text));
     Ok(Handle { proxy_addr, admin_addr, sidecar, stop, task })
@@ -245,7 +184,7 @@ async fn run(
                 }
             }
             _ = stop.changed(), if drain_started.is_none() => {
-                sidecar.draining.store(true, Ordering::Relaxed);
+                sidecar.start_draining();
                 tracing::info!(delay_ms = sidecar.options.drain_delay.as_millis() as u64, "draining: /readyz now fails");
                 drain_started = Some(tokio::time::Instant::now());
             }
@@ -271,46 +210,6 @@ async fn run(
     }
     admin_task.abort();
     tracing::info!("stopped");
-}
-
-/// How proxy connections are served: hyper's builders, shared by every connection.
-pub struct Conns {
-    pub sidecar: Arc<Sidecar>,
-    /// For whole connections: HTTP/1.1 or HTTP/2, with upgrades.
-    pub auto: auto::Builder<TokioExecutor>,
-    /// For one request the cache-hit lane hands over ([`crate::lane`]); it gives the socket back.
-    pub one: hyper::server::conn::http1::Builder,
-    pub header_read_timeout: Duration,
-}
-
-impl Conns {
-    fn new(sidecar: Arc<Sidecar>) -> Self {
-        let header_read_timeout = sidecar.options.idle_timeout;
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
-        auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
-        let mut one = hyper::server::conn::http1::Builder::new();
-        one.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
-        Self { sidecar, auto, one, header_read_timeout }
-    }
-}
-
-/// The proxy as a hyper service for one client connection.
-pub(crate) fn proxy_service(
-    sidecar: Arc<Sidecar>,
-    peer: SocketAddr,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<crate::body::ProxyBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>> + Send + 'static,
-> + Clone
-+ Send
-+ 'static {
-    service_fn(move |req| {
-        let sc = sidecar.clone();
-        async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
-    })
 }
 
 /// Forgets idle rate-limit keys every few seconds, so memory follows the keys in use.
@@ -384,29 +283,4 @@ fn apply(sidecar: &Sidecar, text: &str) {
     };
     let replicas = sidecar.proxy.active.load().replicas;
     apply_config(sidecar, config, replicas, &path.to_string());
-}
-
-/// Swaps in `config` (from the policy file or the operator) unless it is what runs already.
-pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, source: &str) {
-    let current = sidecar.proxy.active.load_full();
-    if config.revision == current.config.revision && replicas == current.replicas {
-        return;
-    }
-    if config.revision != SidecarConfig::revision_of(&config.spec) {
-        sidecar.metrics.config_reload_errors.inc();
-        tracing::warn!(source, revision = %config.revision, "config refused: its revision does not match its content");
-        return;
-    }
-    match Active::build(config, &sidecar.settings, Some(&current), replicas) {
-        Ok(active) => {
-            let revision = active.config.revision.clone();
-            sidecar.proxy.active.store(Arc::new(active));
-            sidecar.metrics.set_revision(Some(&current.config.revision), &revision);
-            tracing::info!(source, from = %current.config.revision, to = %revision, replicas, "config applied");
-        }
-        Err(e) => {
-            sidecar.metrics.config_reload_errors.inc();
-            tracing::warn!(source, error = %e, "config refused; keeping the last good one");
-        }
-    }
 }

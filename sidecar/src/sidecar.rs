@@ -1,0 +1,161 @@
+//! The running sidecar as its parts share it: the proxy with the active config, the metrics,
+//! what outlives a config (caches, SLO histories), the options it was started with, and how a
+//! new config is swapped in.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use apipolicy_api::SidecarConfig;
+use http::Uri;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
+};
+
+use crate::{
+    metrics::Metrics,
+    proxy::Proxy,
+    state::{Active, Settings},
+};
+
+/// How to run the sidecar (the command line, less logging and threads).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub policy: PathBuf,
+    pub upstream: Option<String>,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub reload_interval: Duration,
+    /// After a stop signal, how long to keep accepting while `/readyz` fails, so that load
+    /// balancers stop sending new requests first.
+    pub drain_delay: Duration,
+    /// How long requests in flight may take to finish after the listener closes.
+    pub shutdown_timeout: Duration,
+    pub access_log: bool,
+    /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by.
+    pub replicas: u32,
+    /// Redis for `scope: Global` limits, over `spec.redis.url`; several comma-separated URLs
+    /// are the seed nodes of a Redis Cluster.
+    pub redis: Option<String>,
+    /// The operator's agent API, for config updates and SLO reports.
+    pub operator: Option<AgentOptions>,
+    /// The most bytes the response cache holds.
+    pub cache_bytes: u64,
+    /// Whether plain cache hits on HTTP/1.1 are answered by the lane ([`crate::lane`]).
+    pub hit_lane: bool,
+    /// What `/config` and `POST /purge` require (see [`crate::admin`]).
+    pub admin_token: Option<String>,
+    /// The most client connections open at once.
+    pub max_connections: u32,
+    /// How long a client connection may wait for a request head (idle keep-alive included).
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// `https://host:port` (or `http://` for an operator run with `--insecure-agent-api`).
+    pub url: Uri,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    /// This pod's name, for reports.
+    pub pod: String,
+    pub report_interval: Duration,
+}
+
+/// What the listeners share.
+pub struct Sidecar {
+    pub proxy: Proxy,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+    pub settings: Settings,
+    pub(crate) options: Options,
+}
+
+impl Sidecar {
+    pub fn new(proxy: Proxy, metrics: Metrics, settings: Settings, options: Options) -> Self {
+        Self { proxy, metrics, draining: AtomicBool::new(false), settings, options }
+    }
+
+    /// From now on `/readyz` fails.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// How proxy connections are served: hyper's builders, shared by every connection.
+pub struct Conns {
+    pub sidecar: Arc<Sidecar>,
+    /// For whole connections: HTTP/1.1 or HTTP/2, with upgrades.
+    pub auto: auto::Builder<TokioExecutor>,
+    /// For one request the cache-hit lane hands over ([`crate::lane`]); it gives the socket back.
+    pub one: hyper::server::conn::http1::Builder,
+    pub header_read_timeout: Duration,
+}
+
+impl Conns {
+    pub fn new(sidecar: Arc<Sidecar>) -> Self {
+        let header_read_timeout = sidecar.options.idle_timeout;
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+        auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+        let mut one = hyper::server::conn::http1::Builder::new();
+        one.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+        Self { sidecar, auto, one, header_read_timeout }
+    }
+}
+
+/// The proxy as a hyper service for one client connection.
+pub fn proxy_service(
+    sidecar: Arc<Sidecar>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::body::ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req| {
+        let sc = sidecar.clone();
+        async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
+    })
+}
+
+/// Swaps in `config` (from the policy file or the operator) unless it is what runs already.
+pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, source: &str) {
+    let current = sidecar.proxy.active.load_full();
+    if config.revision == current.config.revision && replicas == current.replicas {
+        return;
+    }
+    if config.revision != SidecarConfig::revision_of(&config.spec) {
+        sidecar.metrics.config_reload_errors.inc();
+        tracing::warn!(source, revision = %config.revision, "config refused: its revision does not match its content");
+        return;
+    }
+    match Active::build(config, &sidecar.settings, Some(&current), replicas) {
+        Ok(active) => {
+            let revision = active.config.revision.clone();
+            sidecar.proxy.active.store(Arc::new(active));
+            sidecar.metrics.set_revision(Some(&current.config.revision), &revision);
+            tracing::info!(source, from = %current.config.revision, to = %revision, replicas, "config applied");
+        }
+        Err(e) => {
+            sidecar.metrics.config_reload_errors.inc();
+            tracing::warn!(source, error = %e, "config refused; keeping the last good one");
+        }
+    }
+}
