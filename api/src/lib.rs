@@ -3,6 +3,7 @@
 //! Pure: no I/O and no async runtime.
 
 mod compile;
+pub mod contract;
 pub mod duration;
 pub mod manifest;
 pub mod quantity;

@@ -10,7 +10,7 @@
 
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use apipolicy_api::report::SloReport;
+use apipolicy_api::{contract, report::SloReport};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -104,12 +104,13 @@ enum Endpoint {
 
 /// `/v1/policies/{ns}/{name}/{config|reports}` → the policy and the endpoint.
 fn route(path: &str) -> Option<(PolicyKey, Endpoint)> {
-    let parts: Vec<&str> = path.split('/').collect();
+    let rest = path.strip_prefix(contract::AGENT_PREFIX)?;
+    let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
-        ["", "v1", "policies", ns, name, tail] if !ns.is_empty() && !name.is_empty() => {
+        ["", ns, name, tail] if !ns.is_empty() && !name.is_empty() => {
             let endpoint = match *tail {
-                "config" => Endpoint::Config,
-                "reports" => Endpoint::Reports,
+                contract::CONFIG_ENDPOINT => Endpoint::Config,
+                contract::REPORTS_ENDPOINT => Endpoint::Reports,
                 _ => return None,
             };
             Some((((*ns).to_owned(), (*name).to_owned()), endpoint))
@@ -572,7 +573,7 @@ mod tests {
     fn bound_to(pod: &str) -> Option<TokenReviewStatus> {
         Some(TokenReviewStatus {
             authenticated: Some(true),
-            audiences: Some(vec![auth::AUDIENCE.into()]),
+            audiences: Some(vec![apipolicy_api::contract::TOKEN_AUDIENCE.into()]),
             error: None,
             user: Some(UserInfo {
                 username: Some("system:serviceaccount:shop:default".into()),

@@ -2,6 +2,7 @@
 //! (audience `apipolicy.dev`) is checked by a TokenReview, cached briefly, and a pod may read
 //! or report only for the ApiPolicy that governs it.
 
+use apipolicy_api::contract::{POLICY_ANNOTATION, TOKEN_AUDIENCE};
 use std::{collections::HashMap, sync::Mutex};
 
 use apipolicy_api::ApiPolicy;
@@ -16,11 +17,8 @@ use crate::{
     conflict::governing,
     error::{Error, Result},
     metrics::Metrics,
-    status::POLICY_ANNOTATION,
 };
 
-/// The audience the injector requests for the sidecar's projected token.
-pub const AUDIENCE: &str = "apipolicy.dev";
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// An accepted token is trusted this long without asking again; the pod's existence is still
@@ -51,8 +49,10 @@ pub fn judge(status: Option<TokenReviewStatus>) -> Result<Caller, Denial> {
         let why = s.error.map(|e| format!(": {e}")).unwrap_or_default();
         return Err(Denial::Unauthenticated(format!("the token was not accepted{why}")));
     }
-    if s.audiences.as_ref().is_some_and(|a| !a.iter().any(|a| a == AUDIENCE)) {
-        return Err(Denial::Unauthenticated(format!("the token is not meant for the audience {AUDIENCE}")));
+    if s.audiences.as_ref().is_some_and(|a| !a.iter().any(|a| a == TOKEN_AUDIENCE)) {
+        return Err(Denial::Unauthenticated(format!(
+            "the token is not meant for the audience {TOKEN_AUDIENCE}"
+        )));
     }
     let user = s.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
@@ -101,7 +101,7 @@ impl TokenReviews {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: Some(vec![AUDIENCE.to_owned()]),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
             },
             ..TokenReview::default()
         };
@@ -209,7 +209,7 @@ mod tests {
         let bound = [(POD_NAME_EXTRA, "web-1"), (POD_UID_EXTRA, "uid-1")];
         let caller = Caller { namespace: "shop".into(), pod: "web-1".into(), pod_uid: Some("uid-1".into()) };
         let table: Vec<(Option<TokenReviewStatus>, Result<Caller, &str>)> = vec![
-            (Some(status(true, sa, &bound, Some(&[AUDIENCE]))), Ok(caller.clone())),
+            (Some(status(true, sa, &bound, Some(&[TOKEN_AUDIENCE]))), Ok(caller.clone())),
             (Some(status(true, sa, &bound, None)), Ok(caller.clone())),
             (Some(status(false, sa, &bound, None)), Err("the token was not accepted: token expired")),
             (None, Err("the token was not accepted")),

@@ -2,6 +2,7 @@
 //! the agent API, and write the status. Level-triggered and idempotent: every write is skipped
 //! when the object already says the same, and only the leader writes.
 
+use apipolicy_api::contract::POLICY_ANNOTATION;
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -30,7 +31,7 @@ use crate::{
     hub::PolicyKey,
     render::{self, MANAGER},
     slo_merge::Snapshot,
-    status::{self, Observed, POLICY_ANNOTATION, Verdict},
+    status::{self, Observed, Verdict},
 };
 
 /// Policies with SLOs are revisited this often, so their figures follow the sliding windows.

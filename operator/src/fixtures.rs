@@ -75,10 +75,10 @@ pub fn policy_at(name: &str, key: &str, value: &str, created_s: i64) -> ApiPolic
 pub fn pod(name: &str, labels: &[(&str, &str)], policy: Option<&str>, revision: Option<&str>) -> Pod {
     let mut annotations = BTreeMap::new();
     if let Some(p) = policy {
-        annotations.insert(status::POLICY_ANNOTATION.to_owned(), p.to_owned());
+        annotations.insert(apipolicy_api::contract::POLICY_ANNOTATION.to_owned(), p.to_owned());
     }
     if let Some(r) = revision {
-        annotations.insert(status::REVISION_ANNOTATION.to_owned(), r.to_owned());
+        annotations.insert(apipolicy_api::contract::INJECTED_REVISION_ANNOTATION.to_owned(), r.to_owned());
     }
     Pod {
         metadata: ObjectMeta {
@@ -390,7 +390,10 @@ impl ApiServerVerifier {
             &format!("/api/v1/namespaces/shop/configmaps/apipolicy-{}", p.name_any()),
         );
         let body = Self::body(request).await;
-        assert_eq!(body["metadata"]["annotations"][render::REVISION_ANNOTATION], revision);
+        assert_eq!(
+            body["metadata"]["annotations"][apipolicy_api::contract::CONFIG_REVISION_ANNOTATION],
+            revision
+        );
         assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], p.uid().unwrap());
         let config = &body["data"][render::CONFIG_KEY];
         let config: Value = serde_json::from_str(config.as_str().expect("config text")).unwrap();
@@ -511,7 +514,7 @@ impl ApiServerVerifier {
         assert_eq!(request.uri().path(), "/apis/authentication.k8s.io/v1/tokenreviews");
         let review: TokenReview = serde_json::from_value(Self::body(request).await).unwrap();
         assert_eq!(review.spec.token.as_deref(), Some(token));
-        assert_eq!(review.spec.audiences, Some(vec![crate::auth::AUDIENCE.to_owned()]));
+        assert_eq!(review.spec.audiences, Some(vec![apipolicy_api::contract::TOKEN_AUDIENCE.to_owned()]));
         let answered = TokenReview { status: answer, ..review };
         send.send_response(ok(serde_json::to_vec(&answered).unwrap()));
         self

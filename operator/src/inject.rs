@@ -8,6 +8,11 @@
 //! sidecar declares the original name on its own port, so a Service whose `targetPort` is that
 //! name reaches the sidecar, which forwards to the app on the pod's loopback address.
 
+use apipolicy_api::contract::{
+    CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, INJECT_ANNOTATION, INJECTED_REVISION_ANNOTATION,
+    MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, POLICY_ANNOTATION, PROXY_PORT_ANNOTATION,
+    TOKEN_AUDIENCE, env as vars,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 use apipolicy_api::ApiPolicy;
@@ -25,23 +30,12 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use crate::{
-    auth::AUDIENCE,
     conflict::governing,
     render::{CA_KEY, CONFIG_KEY, config_map_name},
-    status::{POLICY_ANNOTATION, REVISION_ANNOTATION},
 };
 
 /// The sidecar container's name, by which an injected pod is recognised.
 pub const SIDECAR: &str = "apipolicy-sidecar";
-/// The namespace label the webhook's namespaceSelector asks for.
-pub const INJECTION_LABEL: &str = "apipolicy.dev/injection";
-/// A pod annotated `"false"` is left alone.
-pub const INJECT_ANNOTATION: &str = "apipolicy.dev/inject";
-pub const PROXY_PORT_ANNOTATION: &str = "apipolicy.dev/proxy-port";
-pub const CPU_REQUEST_ANNOTATION: &str = "apipolicy.dev/sidecar-cpu-request";
-pub const MEMORY_REQUEST_ANNOTATION: &str = "apipolicy.dev/sidecar-memory-request";
-pub const CPU_LIMIT_ANNOTATION: &str = "apipolicy.dev/sidecar-cpu-limit";
-pub const MEMORY_LIMIT_ANNOTATION: &str = "apipolicy.dev/sidecar-memory-limit";
 
 /// Where the sidecar listens for the app's clients, unless the pod says otherwise.
 pub const DEFAULT_PROXY_PORT: u16 = 15080;
@@ -369,7 +363,7 @@ fn build(pod: &Pod, policy: &ApiPolicy, cfg: &InjectConfig) -> Result<Injection,
     }
     append(&mut ops, "volumes", spec.volumes.is_some(), volumes(policy));
 
-    let annotations = [(POLICY_ANNOTATION, policy.name_any()), (REVISION_ANNOTATION, revision)];
+    let annotations = [(POLICY_ANNOTATION, policy.name_any()), (INJECTED_REVISION_ANNOTATION, revision)];
     if pod.metadata.annotations.is_some() {
         for (key, value) in annotations {
             ops.push(add(&["metadata", "annotations", key], json!(value)));
@@ -575,25 +569,25 @@ fn sidecar_container(
     resources: Resources,
 ) -> Container {
     let mut env_vars = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        env("APIPOLICY_POLICY", format!("{CONFIG_DIR}/{CONFIG_KEY}")),
-        env("APIPOLICY_UPSTREAM", format!("http://127.0.0.1:{}", policy.spec.upstream.port)),
-        env("APIPOLICY_LISTEN", format!("0.0.0.0:{proxy_port}")),
-        env("APIPOLICY_ADMIN", format!("0.0.0.0:{ADMIN_PORT}")),
-        env("APIPOLICY_DRAIN_DELAY", DRAIN_DELAY),
-        env("APIPOLICY_THREADS", threads(&resources).to_string()),
-        env("APIPOLICY_TOKEN_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+        field_env(vars::POD_NAME, "metadata.name"),
+        field_env(vars::POD_NAMESPACE, "metadata.namespace"),
+        env(vars::POLICY, format!("{CONFIG_DIR}/{CONFIG_KEY}")),
+        env(vars::UPSTREAM, format!("http://127.0.0.1:{}", policy.spec.upstream.port)),
+        env(vars::LISTEN, format!("0.0.0.0:{proxy_port}")),
+        env(vars::ADMIN, format!("0.0.0.0:{ADMIN_PORT}")),
+        env(vars::DRAIN_DELAY, DRAIN_DELAY),
+        env(vars::THREADS, threads(&resources).to_string()),
+        env(vars::TOKEN_FILE, format!("{TOKEN_DIR}/{TOKEN_FILE}")),
     ];
     if let Some(url) = &cfg.operator_url {
-        env_vars.push(env("APIPOLICY_OPERATOR", url.clone()));
+        env_vars.push(env(vars::OPERATOR, url.clone()));
     }
     if cfg.ca {
-        env_vars.push(env("APIPOLICY_CA_FILE", format!("{CONFIG_DIR}/{CA_KEY}")));
+        env_vars.push(env(vars::CA_FILE, format!("{CONFIG_DIR}/{CA_KEY}")));
     }
     if let Some(secret) = policy.spec.redis.as_ref().and_then(|r| r.secret_ref.as_ref()) {
         env_vars.push(EnvVar {
-            name: "APIPOLICY_REDIS".into(),
+            name: vars::REDIS.into(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
@@ -673,7 +667,7 @@ fn volumes(policy: &ApiPolicy) -> Vec<Value> {
             default_mode: None,
             sources: Some(vec![VolumeProjection {
                 service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(AUDIENCE.into()),
+                    audience: Some(TOKEN_AUDIENCE.into()),
                     expiration_seconds: Some(TOKEN_SECONDS),
                     path: TOKEN_FILE.into(),
                 }),
@@ -859,7 +853,10 @@ mod tests {
 
         let annotations = after.annotations();
         assert_eq!(annotations[POLICY_ANNOTATION], "web");
-        assert_eq!(annotations[REVISION_ANNOTATION], apipolicy_api::compile(&policy).unwrap().revision);
+        assert_eq!(
+            annotations[INJECTED_REVISION_ANNOTATION],
+            apipolicy_api::compile(&policy).unwrap().revision
+        );
 
         // Reinvocation, or a second admission of the injected pod, changes nothing.
         assert_eq!(admit(&after, "shop", [&policy], &cfg()), Outcome::Skipped(Skip::AlreadyInjected));
@@ -1064,7 +1061,10 @@ mod tests {
             json!({"spec": {"containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 0}]}]}}),
         );
         let (_, injection) = injected(admit(&pod, "shop", [&broken], &cfg()));
-        assert_eq!(patched(&pod, &injection.patch).annotations()[REVISION_ANNOTATION], "sha256:last");
+        assert_eq!(
+            patched(&pod, &injection.patch).annotations()[INJECTED_REVISION_ANNOTATION],
+            "sha256:last"
+        );
     }
 
     #[test]

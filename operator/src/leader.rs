@@ -12,9 +12,10 @@
 //!   [`Leader::is_leader`] reads the clock itself, so this holds even while the election task
 //!   waits on a hung call.
 //!
-//! The Lease also carries the leader's agent API URL (annotation [`AGENT_URL`]), which the
+//! The Lease also carries the leader's agent API URL (annotation `apipolicy.dev/agent-url`), which the
 //! other replicas forward reports to.
 
+use apipolicy_api::contract::AGENT_URL_ANNOTATION;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -33,8 +34,6 @@ use crate::error::Result;
 
 /// The Lease's name.
 pub const LEASE: &str = "apipolicy-operator";
-/// The Lease annotation with the leader's agent API URL.
-pub const AGENT_URL: &str = "apipolicy.dev/agent-url";
 
 /// The election's clock: how long a Lease holds without renewal, how long the leader keeps
 /// leading after its last successful renewal, and how often it tries.
@@ -295,8 +294,8 @@ impl Election {
         let mine = spec.holder_identity.as_deref() == Some(self.candidate.identity.as_str());
         let mut annotations = current.map(|l| l.annotations().clone()).unwrap_or_default();
         match &self.candidate.agent_url {
-            Some(url) => annotations.insert(AGENT_URL.to_owned(), url.clone()),
-            None => annotations.remove(AGENT_URL),
+            Some(url) => annotations.insert(AGENT_URL_ANNOTATION.to_owned(), url.clone()),
+            None => annotations.remove(AGENT_URL_ANNOTATION),
         };
         Lease {
             metadata: ObjectMeta {
@@ -352,7 +351,7 @@ impl Election {
 
 fn holder_of(lease: &Lease) -> Option<Holder> {
     let identity = lease.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())?;
-    Some(Holder { identity, agent_url: lease.annotations().get(AGENT_URL).cloned() })
+    Some(Holder { identity, agent_url: lease.annotations().get(AGENT_URL_ANNOTATION).cloned() })
 }
 
 #[cfg(test)]

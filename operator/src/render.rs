@@ -1,6 +1,7 @@
 //! The objects the controller writes for an ApiPolicy. Pure: each is a function of the policy
 //! and what was compiled or measured from it.
 
+use apipolicy_api::contract::{CONFIG_REVISION_ANNOTATION, POLICY_LABEL};
 use std::collections::BTreeMap;
 
 use apipolicy_api::{ApiPolicy, SidecarConfig, SloConfig};
@@ -17,8 +18,6 @@ pub const MANAGER: &str = "apipolicy-operator";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The label selector of the ConfigMaps the operator watches.
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=apipolicy-operator";
-pub const POLICY_LABEL: &str = "apipolicy.dev/policy";
-pub const REVISION_ANNOTATION: &str = "apipolicy.dev/revision";
 /// The key of the compiled SidecarConfig (JSON) in the policy's ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
 /// The key of the CA (PEM) that signs the agent API's certificate, which the sidecar trusts.
@@ -71,7 +70,7 @@ pub fn config_map(policy: &ApiPolicy, config: &SidecarConfig, ca: Option<&str>) 
         metadata: meta(
             policy,
             config_map_name(&policy.name_any()),
-            Some(BTreeMap::from([(REVISION_ANNOTATION.to_owned(), config.revision.clone())])),
+            Some(BTreeMap::from([(CONFIG_REVISION_ANNOTATION.to_owned(), config.revision.clone())])),
         ),
         data: Some(data),
         ..ConfigMap::default()
@@ -219,7 +218,7 @@ mod tests {
             ("ApiPolicy", "products", Some(true))
         );
         assert_eq!(owner.api_version, "apipolicy.dev/v1alpha1");
-        assert_eq!(cm.metadata.annotations.as_ref().unwrap()[REVISION_ANNOTATION], config.revision);
+        assert_eq!(cm.metadata.annotations.as_ref().unwrap()[CONFIG_REVISION_ANNOTATION], config.revision);
         assert_eq!(cm.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], MANAGER);
         // The sidecar loads exactly this text.
         let text = &cm.data.as_ref().unwrap()[CONFIG_KEY];

@@ -1,6 +1,7 @@
 //! The status an ApiPolicy should have, from what the controller observed. Pure: the reconcile
 //! loop compares the result with the current status and patches only a difference.
 
+use apipolicy_api::contract::{INJECTED_REVISION_ANNOTATION, POLICY_ANNOTATION};
 use std::sync::Arc;
 
 use apipolicy_api::{ApiPolicy, ApiPolicyStatus, PodCounts, SloStatus, ValidationError};
@@ -21,11 +22,6 @@ pub const PROGRAMMED: &str = "Programmed";
 /// Present while some of the policy's pods declare the upstream port in a way the injector
 /// cannot take over: it says what to change.
 pub const PORT_UNNAMED: &str = "PortUnnamed";
-
-/// Set by the injector on every pod it gives a sidecar: the governing policy's name.
-pub const POLICY_ANNOTATION: &str = "apipolicy.dev/policy";
-/// Set by the injector: the config revision the pod started with.
-pub const REVISION_ANNOTATION: &str = "apipolicy.dev/injected-revision";
 
 /// Kubernetes caps a condition message at 32 KiB.
 const MAX_MESSAGE: usize = 32 * 1024;
@@ -113,7 +109,7 @@ pub fn census(
             continue;
         }
         c.injected += 1;
-        let running = reported(pod).or_else(|| pod.annotations().get(REVISION_ANNOTATION).cloned());
+        let running = reported(pod).or_else(|| pod.annotations().get(INJECTED_REVISION_ANNOTATION).cloned());
         if revision.is_some() && running.as_deref() == revision {
             c.current += 1;
         }
@@ -592,7 +588,11 @@ mod tests {
             with("b", serde_json::json!([{"name": "http", "containerPort": 8080}]), none.clone()),
             with("c", serde_json::json!([]), none.clone()),
             with("d", unnamed.clone(), serde_json::json!({POLICY_ANNOTATION: "web"})),
-            with("e", unnamed.clone(), serde_json::json!({inject::INJECT_ANNOTATION: "false"})),
+            with(
+                "e",
+                unnamed.clone(),
+                serde_json::json!({apipolicy_api::contract::INJECT_ANNOTATION: "false"}),
+            ),
             Arc::new(pod("f", &[("app", "web")], None, None)),
         ];
         let problems = port_problems(&p, &pods);

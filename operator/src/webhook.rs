@@ -2,6 +2,7 @@
 //! and answers from the policy cache, never calling the API server on the way; and the
 //! MutatingWebhookConfiguration that sends those pods to it.
 
+use apipolicy_api::contract::INJECTION_LABEL;
 use std::{sync::Arc, time::Duration};
 
 use apipolicy_api::ApiPolicy;
@@ -35,7 +36,7 @@ use tokio::sync::watch;
 use crate::{
     caches::Filled,
     error::{Error, Result},
-    inject::{self, INJECTION_LABEL, InjectConfig, Outcome},
+    inject::{self, InjectConfig, Outcome},
     metrics::Metrics,
     render::{MANAGED_BY_LABEL, MANAGER},
     serve::Handler,

@@ -9,7 +9,10 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use apipolicy_api::report::{AgentConfig, ReportAck};
+use apipolicy_api::{
+    contract,
+    report::{AgentConfig, ReportAck},
+};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -84,10 +87,11 @@ impl Agent {
         let _ = tokio::join!(poll, report);
     }
 
-    fn policy_path(sidecar: &Sidecar) -> String {
+    /// (namespace, name) of the policy this sidecar runs.
+    fn policy(sidecar: &Sidecar) -> (String, String) {
         let active = sidecar.proxy.active.load();
         let p = &active.config.policy;
-        format!("/v1/policies/{}/{}", p.namespace.as_deref().unwrap_or("default"), p.name)
+        (p.namespace.clone().unwrap_or_else(|| "default".into()), p.name.clone())
     }
 
     async fn poll_config(self: Arc<Self>, sidecar: Arc<Sidecar>) {
@@ -98,7 +102,8 @@ impl Agent {
                 let a = sidecar.proxy.active.load();
                 (a.config.revision.clone(), a.replicas)
             };
-            let path = format!("{}/config?revision={revision}", Self::policy_path(&sidecar));
+            let (namespace, name) = Self::policy(&sidecar);
+            let path = format!("{}?revision={revision}", contract::config_path(&namespace, &name));
             // The operator holds the request up to 30 s.
             match self.call(Method::GET, &path, None, Duration::from_secs(40)).await {
                 Ok(body) => match serde_json::from_slice::<AgentConfig>(&body) {
@@ -153,7 +158,8 @@ impl Agent {
                 acked_ms,
             );
             let body = serde_json::to_vec(&report).unwrap_or_default();
-            let path = format!("{}/reports", Self::policy_path(&sidecar));
+            let (namespace, name) = Self::policy(&sidecar);
+            let path = contract::reports_path(&namespace, &name);
             match self.call(Method::POST, &path, Some(body), Duration::from_secs(10)).await {
                 Ok(answer) => match serde_json::from_slice::<ReportAck>(&answer) {
                     // Keep re-sending the current minute: it is still growing.
