@@ -78,6 +78,134 @@ fn on_signal() -> Stopping {
     Stopping(rx)
 }
 
+/// The bound ports: bound before any task starts, so that a taken port fails the start.
+struct Listeners {
+    metrics: tokio::net::TcpListener,
+    agent: tokio::net::TcpListener,
+    webhook: tokio::net::TcpListener,
+}
+
+/// Serves the metrics and probes (plain HTTP), the agent API and the injection webhook until
+/// the operator stops.
+fn serve_all(
+    args: &RunArgs,
+    ctx: &Arc<Context>,
+    tls: &ServerTls,
+    listeners: Listeners,
+    inject_config: InjectConfig,
+    forwarding: Forwarding,
+    stopping: &Stopping,
+) -> [tokio::task::JoinHandle<()>; 3] {
+    let admin: Handler = {
+        let (metrics, ready_flag) = (ctx.metrics.clone(), ctx.ready.clone());
+        Arc::new(move |req| {
+            let reply = metrics::admin(&metrics, &ready_flag, &req);
+            Box::pin(async move { reply })
+        })
+    };
+    let webhook = Webhook::new(
+        ctx.stores.policies.clone(),
+        ctx.caches.watch(),
+        inject_config,
+        Some(ctx.recorder.clone()),
+        ctx.metrics.clone(),
+    );
+    [
+        tokio::spawn(serve::serve(listeners.metrics, None, admin, stopping.wait())),
+        tokio::spawn(serve::serve(
+            listeners.agent,
+            (!args.insecure_agent_api).then(|| tls.acceptor()),
+            AgentApi::new(ctx.clone(), args.insecure_agent_api).with_forwarding(forwarding).handler(),
+            stopping.wait(),
+        )),
+        tokio::spawn(serve::serve(
+            listeners.webhook,
+            Some(tls.acceptor()),
+            webhook.handler(),
+            stopping.wait(),
+        )),
+    ]
+}
+
+/// The three caches' watches, each feeding its shared store (and through it the controller and
+/// the webhook) and telling the readiness tracker when it is filled.
+fn reflectors(
+    client: &Client,
+    ctx: &Arc<Context>,
+    policy_writer: reflector::store::Writer<ApiPolicy>,
+    pod_writer: reflector::store::Writer<Pod>,
+    config_map_writer: reflector::store::Writer<ConfigMap>,
+) -> [tokio::task::JoinHandle<()>; 3] {
+    let wc = watcher::Config::default();
+    let policy_reflector = {
+        let ctx = ctx.clone();
+        let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+        watcher(Api::<ApiPolicy>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect_shared(policy_writer)
+            .inspect(log_watch_error("ApiPolicies"))
+            .for_each(move |event| {
+                ctx.caches.see(Cache::Policies, &event);
+                on_policy_event(&ctx, &mut generations, event);
+                ready(())
+            })
+    };
+    let pod_reflector = {
+        let ctx = ctx.clone();
+        watcher(Api::<Pod>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .modify(slim_pod)
+            .reflect_shared(pod_writer)
+            .inspect(log_watch_error("pods"))
+            .for_each(move |event| {
+                ctx.caches.see(Cache::Pods, &event);
+                if let Ok(watcher::Event::Delete(pod)) = event
+                    && let Some(uid) = pod.uid()
+                {
+                    ctx.configs.forget_pod(&uid);
+                }
+                ready(())
+            })
+    };
+    let config_map_reflector = {
+        let ctx = ctx.clone();
+        watcher(Api::<ConfigMap>::all(client.clone()), wc.clone().labels(MANAGED_BY_SELECTOR))
+            .default_backoff()
+            .reflect_shared(config_map_writer)
+            .inspect(log_watch_error("ConfigMaps"))
+            .for_each(move |event| {
+                ctx.caches.see(Cache::ConfigMaps, &event);
+                ready(())
+            })
+    };
+    [tokio::spawn(policy_reflector), tokio::spawn(pod_reflector), tokio::spawn(config_map_reflector)]
+}
+
+/// The certificate the webhook and the agent API serve, the CA it chains to (which the API
+/// server's caBundle and the sidecars' ca.crt trust), and the Secret store when the operator
+/// issues them itself.
+async fn certificates(
+    args: &RunArgs,
+    client: &Client,
+    namespace: &str,
+    agent_url: &str,
+    clock: &Clock,
+) -> Result<(ServerTls, Option<String>, Option<CertStore>)> {
+    Ok(match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (ServerTls::from_files(cert, key)?, read_ca(args)?, None),
+        _ => {
+            let urls: Vec<&str> = args.webhook_url.iter().map(String::as_str).chain([agent_url]).collect();
+            let store =
+                CertStore::new(client.clone(), namespace, certs::names(&args.service_name, namespace, &urls));
+            let (bundle, renewal) = store.ensure(clock()).await?;
+            if let Some(why) = renewal {
+                tracing::info!(?why, secret = %format!("{namespace}/{}", certs::SECRET), "issued certificates");
+            }
+            (ServerTls::from_pem(&bundle.cert, &bundle.key)?, Some(bundle.ca_cert), Some(store))
+        }
+    })
+}
+
 /// Where the other replicas reach this one's agent API: --advertise-url, else POD_IP with the
 /// agent port, else --agent-addr when it names one address.
 fn advertise_url(args: &RunArgs) -> Option<String> {
@@ -193,25 +321,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let scheme = if args.insecure_agent_api { "http" } else { "https" };
         format!("{scheme}://{}.{namespace}.svc:{}", args.service_name, args.agent_addr.port())
     });
-    // One certificate for the webhook and the agent API; the CA it chains to is the one the API
-    // server (caBundle) and the sidecars (ca.crt) trust.
-    let (tls, ca, store) = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => (ServerTls::from_files(cert, key)?, read_ca(&args)?, None),
-        _ => {
-            let urls: Vec<&str> =
-                args.webhook_url.iter().map(String::as_str).chain([agent_url.as_str()]).collect();
-            let store = CertStore::new(
-                client.clone(),
-                &namespace,
-                certs::names(&args.service_name, &namespace, &urls),
-            );
-            let (bundle, renewal) = store.ensure(clock()).await?;
-            if let Some(why) = renewal {
-                tracing::info!(?why, secret = %format!("{namespace}/{}", certs::SECRET), "issued certificates");
-            }
-            (ServerTls::from_pem(&bundle.cert, &bundle.key)?, Some(bundle.ca_cert), Some(store))
-        }
-    };
+    let (tls, ca, store) = certificates(&args, &client, &namespace, &agent_url, &clock).await?;
     note_expiry(&metrics, &tls);
     warn_without_ca(&args, ca.as_deref());
     let setup = WebhookSetup {
@@ -282,52 +392,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ));
     ctx.ca.store(ca.map(Arc::new));
 
-    let wc = watcher::Config::default();
-    let policy_reflector = {
-        let ctx = ctx.clone();
-        let mut generations: HashMap<String, Option<i64>> = HashMap::new();
-        watcher(Api::<ApiPolicy>::all(client.clone()), wc.clone())
-            .default_backoff()
-            .reflect_shared(policy_writer)
-            .inspect(log_watch_error("ApiPolicies"))
-            .for_each(move |event| {
-                ctx.caches.see(Cache::Policies, &event);
-                on_policy_event(&ctx, &mut generations, event);
-                ready(())
-            })
-    };
-    let pod_reflector = {
-        let ctx = ctx.clone();
-        watcher(Api::<Pod>::all(client.clone()), wc.clone())
-            .default_backoff()
-            .modify(slim_pod)
-            .reflect_shared(pod_writer)
-            .inspect(log_watch_error("pods"))
-            .for_each(move |event| {
-                ctx.caches.see(Cache::Pods, &event);
-                if let Ok(watcher::Event::Delete(pod)) = event
-                    && let Some(uid) = pod.uid()
-                {
-                    ctx.configs.forget_pod(&uid);
-                }
-                ready(())
-            })
-    };
-    let config_map_reflector = {
-        let ctx = ctx.clone();
-        watcher(Api::<ConfigMap>::all(client.clone()), wc.clone().labels(MANAGED_BY_SELECTOR))
-            .default_backoff()
-            .reflect_shared(config_map_writer)
-            .inspect(log_watch_error("ConfigMaps"))
-            .for_each(move |event| {
-                ctx.caches.see(Cache::ConfigMaps, &event);
-                ready(())
-            })
-    };
+    let [policy_reflector, pod_reflector, config_map_reflector] =
+        reflectors(&client, &ctx, policy_writer, pod_writer, config_map_writer);
     let mut background = vec![
-        tokio::spawn(policy_reflector),
-        tokio::spawn(pod_reflector),
-        tokio::spawn(config_map_reflector),
+        policy_reflector,
+        pod_reflector,
+        config_map_reflector,
         tokio::spawn(mark_ready(ctx.clone())),
         tokio::spawn(follow_leadership(ctx.clone())),
         tokio::spawn(discover_prometheus_rules(ctx.clone())),
@@ -348,40 +418,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )),
     });
 
-    let admin: Handler = {
-        let (metrics, ready_flag) = (metrics.clone(), ctx.ready.clone());
-        Arc::new(move |req| {
-            let reply = metrics::admin(&metrics, &ready_flag, &req);
-            Box::pin(async move { reply })
-        })
+    let listeners = Listeners { metrics: metrics_listener, agent: agent_listener, webhook: webhook_listener };
+    let forwarding = Forwarding {
+        identity: identity.clone(),
+        tls_name: agent_url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)),
     };
-    let webhook = Webhook::new(
-        policies.clone(),
-        ctx.caches.watch(),
-        inject_config,
-        Some(ctx.recorder.clone()),
-        metrics.clone(),
-    );
-    let servers = [
-        tokio::spawn(serve::serve(metrics_listener, None, admin, stopping.wait())),
-        tokio::spawn(serve::serve(
-            agent_listener,
-            (!args.insecure_agent_api).then(|| tls.acceptor()),
-            AgentApi::new(ctx.clone(), args.insecure_agent_api)
-                .with_forwarding(Forwarding {
-                    identity: identity.clone(),
-                    tls_name: agent_url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)),
-                })
-                .handler(),
-            stopping.wait(),
-        )),
-        tokio::spawn(serve::serve(
-            webhook_listener,
-            Some(tls.acceptor()),
-            webhook.handler(),
-            stopping.wait(),
-        )),
-    ];
+    let servers = serve_all(&args, &ctx, &tls, listeners, inject_config, forwarding, &stopping);
     tracing::info!(webhook = %args.webhook_addr, agent = %args.agent_addr, metrics = %args.metrics_addr, agent_tls = !args.insecure_agent_api, "serving");
 
     let mapper_store = policies.clone();
