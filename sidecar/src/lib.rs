@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_client;
 pub mod request_id;
 pub mod routes;
 pub mod server;

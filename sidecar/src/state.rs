@@ -19,7 +19,8 @@ use crate::{
     error::ProxyError,
     health::Health,
     metrics::{CacheLookups, Metrics, RouteMetrics},
-    ratelimit::{RouteLimiter, redis::RedisStore},
+    ratelimit::RouteLimiter,
+    redis_client::Redis,
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
     upstream::{Upstream, UpstreamPool},
@@ -37,7 +38,7 @@ pub struct Active {
     /// The replica count `scope: Replicas` limits divide by.
     pub replicas: u32,
     /// The store of `scope: Global` limits, when a route has one.
-    pub redis: Option<Arc<RedisStore>>,
+    pub redis: Option<Arc<Redis>>,
     pub health: Arc<Health>,
     /// The response cache, shared by every config.
     pub store: Arc<Store>,
@@ -66,11 +67,7 @@ pub struct Settings {
 }
 
 /// The Redis store for this config: the previous one when its address did not change.
-fn redis_store(
-    config: &SidecarConfig,
-    settings: &Settings,
-    previous: Option<&Active>,
-) -> Option<Arc<RedisStore>> {
+fn redis_store(config: &SidecarConfig, settings: &Settings, previous: Option<&Active>) -> Option<Arc<Redis>> {
     let global = config
         .spec
         .routes
@@ -104,7 +101,7 @@ fn redis_store(
         return Some(prev.clone());
     }
     let (errors, latency) = settings.metrics.redis();
-    match RedisStore::new(urls, cluster, timeout, errors, latency) {
+    match Redis::new(urls, cluster, timeout, errors, latency) {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
             tracing::warn!(error = %e, "the Redis address is invalid; onStoreFailure applies");

@@ -26,10 +26,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::{CacheKey, Entry, Store};
-use crate::ratelimit::redis::RedisStore;
+use crate::redis_client::Redis;
 
 pub struct Shared {
-    redis: Arc<RedisStore>,
+    redis: Arc<Redis>,
     /// `namespace/policy`: entries of other policies are never seen.
     scope: String,
     /// Tells this pod's own messages from others'.
@@ -129,14 +129,14 @@ fn epoch_ms(t: SystemTime) -> u64 {
 }
 
 impl Shared {
-    pub fn new(redis: Arc<RedisStore>, scope: String, store: Arc<Store>) -> Arc<Self> {
+    pub fn new(redis: Arc<Redis>, scope: String, store: Arc<Store>) -> Arc<Self> {
         let instance = fastrand::u64(..);
         let subscriber = tokio::spawn(subscribe(redis.clone(), scope.clone(), instance, store));
         Arc::new(Self { redis, scope, instance, subscriber })
     }
 
     /// Whether this tier is for `redis` and `scope` (kept across reloads that change neither).
-    pub fn same(&self, redis: &Arc<RedisStore>, scope: &str) -> bool {
+    pub fn same(&self, redis: &Arc<Redis>, scope: &str) -> bool {
         Arc::ptr_eq(&self.redis, redis) && self.scope == scope
     }
 
@@ -271,7 +271,7 @@ fn generation_key(scope: &str) -> String {
 }
 
 /// The policy's generation (0 before its first purge), `None` when Redis does not answer.
-async fn generation(redis: &RedisStore, scope: &str) -> Option<u64> {
+async fn generation(redis: &Redis, scope: &str) -> Option<u64> {
     let answer = redis.command::<Option<u64>>(redis::cmd("GET").arg(generation_key(scope))).await;
     answer.ok().map(|g| g.unwrap_or(0))
 }
@@ -297,7 +297,7 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// subscribers of every node (the `PUBLISH` itself goes where the cluster client routes it).
 /// Each time it listens again, it checks that it heard every purge since it last started
 /// listening, and clears the memory tier if it did not.
-async fn subscribe(redis: Arc<RedisStore>, scope: String, instance: u64, store: Arc<Store>) {
+async fn subscribe(redis: Arc<Redis>, scope: String, instance: u64, store: Arc<Store>) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(200);
     let channel = channel(&scope);
     // A node that accepts the connection and never answers must not hold the subscriber.

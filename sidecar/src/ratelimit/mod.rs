@@ -22,11 +22,11 @@ use crate::{
     error::ProxyError,
     headers::{RequestHeaders, text},
     metrics::Metrics,
+    redis_client::Redis,
     values::{self, Text},
 };
 use algo::{Decision, Params};
 use local::LocalStore;
-use redis::RedisStore;
 
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
 /// Global keys are hashed alike in every pod; a collision would only make two clients share a
@@ -64,7 +64,7 @@ pub struct RouteLimiter {
     /// `RateLimit-Policy` and `X-RateLimit-Limit`, per entry of `params`.
     policy_headers: Vec<(HeaderValue, HeaderValue)>,
     /// `scope: Global`: the Redis store and this route's key prefix.
-    global: Option<(Arc<RedisStore>, String)>,
+    global: Option<(Arc<Redis>, String)>,
     allowed: IntCounter,
     limited: IntCounter,
     shadow_limited: IntCounter,
@@ -101,7 +101,7 @@ impl RouteLimiter {
         replicas: u32,
         metrics: &Metrics,
         previous: Option<&RouteLimiter>,
-        global: Option<(Arc<RedisStore>, String)>,
+        global: Option<(Arc<Redis>, String)>,
     ) -> Self {
         let share = if config.scope == Scope::Replicas { replicas } else { 1 };
         let mut params =
@@ -166,7 +166,7 @@ impl RouteLimiter {
         };
         // Every pod must name a key alike: a fixed hash, not this process's random one.
         let key = format!("apipolicy:{{{scope}/{which}/{:016x}}}", GLOBAL_KEYS.hash_one(material));
-        match store.decide(self.config.algorithm, &key, &self.params[which]).await {
+        match redis::decide(store, self.config.algorithm, &key, &self.params[which]).await {
             Ok(decision) => self.finish(decision, which),
             Err(e) => {
                 tracing::debug!(error = %e, "rate-limit store failure");
