@@ -1,6 +1,6 @@
-//! The one way a request goes upstream. Pass-through requests ([`forward`]) and the cache's
+//! The one way a request goes upstream. Pass-through requests ([`Forward`]) and the cache's
 //! own requests (fills, revalidations, background refreshes) all turn their head into the
-//! upstream's with [`prepare`] and go out through [`send`]: so framing, the route's timeout,
+//! upstream's with [`prepare`] and go out through the upstream-side layers down to [`Upstream`]: so framing, the route's timeout,
 //! the upstream metrics and the hop-by-hop rules apply to every one of them alike.
 
 use std::{
@@ -22,6 +22,7 @@ use crate::{
     body::{ClientBodyError, IdleTimer, ProxyBody, Stalled, UpstreamBody},
     error::ProxyError,
     headers::X_REQUEST_ID,
+    pipeline::{Cx, Service, rescue},
     state::{Active, RouteRuntime},
     upstream::SendError,
 };
@@ -31,16 +32,43 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Forwards the request to the upstream and returns its response head with the body
-/// streaming behind it.
-pub async fn forward(
-    active: &Active,
-    route: &RouteRuntime,
+/// Pass-through: the client's request goes to the app through the upstream-side layers below
+/// (`U`), its body streaming (bounded by `maxRequestBody`, watched by `streamIdleTimeout`),
+/// and the app's answer streams back; an upgrade (WebSocket) is joined end to end.
+#[derive(Clone, Copy)]
+pub struct Forward<U>(pub U);
+
+impl<U> Forward<U> {
+    /// The upstream-side layers, for the requests the cache makes itself (fills,
+    /// revalidations, background refreshes).
+    pub fn upstream(&self) -> &U {
+        &self.0
+    }
+}
+
+impl<U> Service<Request<Incoming>> for Forward<U>
+where
+    U: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+{
+    type Response = Response<ProxyBody>;
+
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+        match forward(&self.0, req, cx).await {
+            Ok(resp) => resp,
+            Err(e) => rescue(e, cx),
+        }
+    }
+}
+
+async fn forward<U>(
+    upstream: &U,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
-    id: &HeaderValue,
-    finish: &mut Finish,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    cx: &mut Cx<'_>,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    U: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+{
+    let route = cx.route;
     if let Some(limit) = route.max_body
         && content_length(req.headers()).is_some_and(|len| len > limit)
     {
@@ -50,7 +78,7 @@ pub async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, peer, id, upgrade)?;
+    prepare(&mut parts, cx.peer, cx.id, upgrade)?;
     let idle = IdleTimer::new(route.stream_idle_timeout);
     let body = match route.max_body {
         Some(limit) => UpstreamBody::Limited {
@@ -59,7 +87,7 @@ pub async fn forward(
         },
         None => UpstreamBody::Client { body, idle },
     };
-    let mut resp = send(active, route, Request::from_parts(parts, body), finish).await?;
+    let mut resp = upstream.call(Request::from_parts(parts, body), cx).await?;
 
     if let Some(client_upgrade) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -116,10 +144,22 @@ pub fn prepare(
     Ok(())
 }
 
-/// Sends a prepared request under the route's timeout. Every request the sidecar sends
-/// upstream comes through here (pass-through, cache fill, revalidation, background refresh),
-/// and here its head is framed by the body that is sent: whatever the client's head said.
-pub async fn send(
+/// The app: a prepared request sent on a pooled connection under the route's timeout. Every
+/// request the sidecar sends upstream ends here (pass-through, cache fill, revalidation,
+/// background refresh), and here its head is framed by the body that is sent, whatever the
+/// client's head said.
+#[derive(Clone, Copy)]
+pub struct Upstream;
+
+impl Service<Request<UpstreamBody>> for Upstream {
+    type Response = Result<Response<Incoming>, ProxyError>;
+
+    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
+        send(cx.active, cx.route, req, cx.finish).await
+    }
+}
+
+async fn send(
     active: &Active,
     route: &RouteRuntime,
     mut req: Request<UpstreamBody>,

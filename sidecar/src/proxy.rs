@@ -1,8 +1,7 @@
-//! The request path. Order of work (DESIGN.md): request id → route match → rate limit →
-//! cache lookup (fresh hit, 304, stale-while-revalidate, coalesced miss) → load shedding →
-//! upstream (pooled keep-alive connection, route timeout) → cache store, ETag,
-//! Cache-Control, compression → metrics, SLO counters and the access log when the response
-//! body ends.
+//! The request path: the request id and forwarding headers, path normalization and the route
+//! match, then the layers of [`stack`] in request order, and the accounting (metrics, SLO
+//! counters, the access log) when the response body ends. The cache-hit lane
+//! ([`Proxy::lane_hit`]) answers plain hits on HTTP/1.1 before hyper parses them.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -11,26 +10,63 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Uri, header, uri::PathAndQuery};
 use hyper::body::Incoming;
 
+use tower::{ServiceBuilder, layer::layer_fn};
+
 use crate::{
     accounting::Finish,
     body::ProxyBody,
-    compress,
-    error::ProxyError,
     headers::{Raw, RequestHeaders, X_REQUEST_ID},
+    layers::{
+        cache::Cache,
+        compress::{Compress, compress_streaming},
+        concurrency::ConcurrencyLimit,
+        invalidate::Invalidate,
+        path::RefuseBadPath,
+        ratelimit::RateLimit,
+    },
+    outbound::{Forward, Upstream},
+    pipeline::{Cx, Service},
     request_id::RequestIds,
     routes::PathError,
     state::Active,
 };
 
+/// The request pipeline below the request id, the route match and the accounting, in
+/// request order: each layer sees the request before the ones under it, and their answer
+/// after them. Built once; each layer reads its own part of the route a request matched.
+pub type Stack = Compress<RefuseBadPath<RateLimit<Invalidate<Cache<Forward<ConcurrencyLimit<Upstream>>>>>>>;
+
+pub fn stack() -> Stack {
+    ServiceBuilder::new()
+        // Outermost: compression sees every answer, problem answers included (they get Vary).
+        .layer(layer_fn(Compress))
+        // A refused path goes no further, and counts against no limit.
+        .layer(layer_fn(RefuseBadPath))
+        // Before the cache: a refused request costs nothing further; the limit's headers go
+        // on every answer below, cache hits included.
+        .layer(layer_fn(RateLimit))
+        // Once the app took an unsafe request, the cache forgets its URL.
+        .layer(layer_fn(Invalidate))
+        // Hits are answered here; misses are filled through the upstream side below.
+        .layer(layer_fn(Cache))
+        // Pass-through: body limits, streaming, upgrades. Below it, requests are the app's.
+        .layer(layer_fn(Forward))
+        // Only what goes to the app takes a maxInFlight slot; hits never do.
+        .layer(layer_fn(ConcurrencyLimit))
+        // The app: framing, the route's timeout, the pooled connection, upstream metrics.
+        .service(Upstream)
+}
+
 /// The proxy: the active config, swapped whole on reload.
 pub struct Proxy {
     pub active: ArcSwap<Active>,
     ids: RequestIds,
+    stack: Stack,
 }
 
 impl Proxy {
     pub fn new(active: Active) -> Self {
-        Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
+        Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new(), stack: stack() }
     }
 
     pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
@@ -50,63 +86,9 @@ impl Proxy {
             req.uri().path_and_query().cloned()
         });
         let route = &active.routes[index];
-        let method = req.method().clone();
-        let accept_encoding =
-            route.compression.as_ref().and(req.headers().get(header::ACCEPT_ENCODING).cloned());
-        // Unsafe requests invalidate what the cache holds for their URL (RFC 9111 §4.4).
-        let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
-        let invalidates = (!safe)
-            .then(|| crate::cache::flow::target(&req, route.cache.as_ref().is_some_and(|c| c.sort_query)));
-
-        let mut limit_headers = None;
-        let outcome = async {
-            if let Some(e) = bad_path {
-                return Err(ProxyError::InvalidPath(e));
-            }
-            // Rate limit first: a refused request costs nothing further.
-            if let Some(limiter) = &route.limiter {
-                limit_headers = limiter.check(req.headers(), peer, &active.trusted).await?;
-            }
-            // The cache answers hits itself; only what goes on to the app takes a
-            // concurrency slot, so a burst of hits is never shed.
-            if let Some(cache) = &route.cache {
-                let asks = crate::cache::Asks::of(req.headers());
-                match crate::cache::flow::eligible(cache, &req, asks) {
-                    Some(true) => {
-                        return crate::cache::flow::serve(&active, route, req, asks, peer, &id, &mut finish)
-                            .await;
-                    }
-                    Some(false) => route.cache_lookups.bypass.inc(),
-                    None => {}
-                }
-            }
-            if let Some(c) = &route.concurrency {
-                c.admit()?;
-                finish.holds_slot = true;
-            }
-            crate::outbound::forward(&active, route, req, peer, &id, &mut finish).await
-        }
-        .await;
-        let mut resp = match outcome {
-            Ok(resp) => resp,
-            Err(e) => {
-                finish.policy_answer = e.is_policy();
-                e.into_response(&id)
-            }
-        };
-        if let Some(target) = invalidates
-            && (resp.status().is_success() || resp.status().is_redirection())
-        {
-            crate::cache::flow::invalidate(&active, &target, resp.headers());
-        }
-        if let Some(applied) = limit_headers {
-            applied.write(resp.headers_mut());
-        }
-        if let Some(config) = &route.compression
-            && method != Method::HEAD
-        {
-            resp = compress_streaming(resp, config, accept_encoding.as_ref());
-        }
+        let mut cx =
+            Cx { active: &active, route, route_index: index, peer, id: &id, finish: &mut finish, bad_path };
+        let mut resp = self.stack.call(req, &mut cx).await;
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();
         if resp.body().streams() {
@@ -228,34 +210,4 @@ impl Proxy {
         route.cache_lookups.hit.inc();
         Some(LaneAnswer::Hit { hit, id, limit, finish })
     }
-}
-
-/// Compresses a response that streams from the app (cached responses come compressed from
-/// the cache and are left alone).
-fn compress_streaming(
-    resp: Response<ProxyBody>,
-    config: &apipolicy_api::CompressionConfig,
-    accept: Option<&HeaderValue>,
-) -> Response<ProxyBody> {
-    if !compress::compressible(resp.status(), resp.headers(), config) {
-        return resp;
-    }
-    let (mut parts, mut body) = resp.into_parts();
-    compress::add_vary(&mut parts.headers, "accept-encoding");
-    let Some(encoding) = compress::negotiate(accept, &config.algorithms) else {
-        return Response::from_parts(parts, body);
-    };
-    let Some(upstream) = body.take_upstream() else {
-        return Response::from_parts(parts, body);
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::ACCEPT_RANGES);
-    parts.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding.as_str()));
-    if let Some(etag) = parts.headers.get(header::ETAG).cloned() {
-        match crate::cache::conditional::encoded_etag(&etag, encoding.as_str()) {
-            Some(e) => parts.headers.insert(header::ETAG, e),
-            None => parts.headers.remove(header::ETAG),
-        };
-    }
-    Response::from_parts(parts, ProxyBody::boxed(compress::compress_stream(encoding, upstream)))
 }

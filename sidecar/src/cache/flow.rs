@@ -2,7 +2,6 @@
 //! misses, stale-if-error, storing, and invalidation.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::SystemTime,
 };
@@ -25,7 +24,8 @@ use crate::{
     compress,
     error::ProxyError,
     headers::{Raw, RequestHeaders},
-    outbound::{prepare, send},
+    outbound::prepare,
+    pipeline::{Cx, ToApp},
     state::{Active, RouteRuntime},
 };
 
@@ -84,15 +84,13 @@ fn cache_status(kind: &str) -> HeaderValue {
 /// Everything else (misses, revalidation, the shared tier) takes the full path, boxed: its
 /// future is several KiB, and a hit should not carry it, nor move it around.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    active: &Arc<Active>,
-    route: &RouteRuntime,
+pub async fn serve<U: ToApp>(
+    upstream: U,
     req: Request<Incoming>,
     asks: Asks,
-    peer: SocketAddr,
-    id: &HeaderValue,
-    finish: &mut Finish,
+    cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let (active, route) = (cx.active, cx.route);
     let head = req.method() == Method::HEAD;
     let now = SystemTime::now();
     let (headers, uri) = (req.headers(), req.uri());
@@ -102,17 +100,15 @@ pub async fn serve(
         route.cache_lookups.hit.inc();
         return Ok(respond(active, route, &e, now, None, headers, head).await);
     }
-    Box::pin(serve_full(active, route, req, peer, id, finish)).await
+    Box::pin(serve_full(upstream, req, cx)).await
 }
 
-async fn serve_full(
-    active: &Arc<Active>,
-    route: &RouteRuntime,
+async fn serve_full<U: ToApp>(
+    upstream: U,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    id: &HeaderValue,
-    finish: &mut Finish,
+    cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let (active, route) = (cx.active, cx.route);
     let config = route.cache.as_ref().expect("serve is called for cached routes");
     let store = &active.store;
     let head = req.method() == Method::HEAD;
@@ -135,15 +131,7 @@ async fn serve_full(
             Lookup::StaleWhileRevalidate(e) => {
                 route.cache_lookups.stale.inc();
                 if !e.revalidating.swap(true, Ordering::AcqRel) {
-                    spawn_revalidation(
-                        active.clone(),
-                        finish.route(),
-                        key.clone(),
-                        clone_parts(&parts),
-                        e.clone(),
-                        peer,
-                        id.clone(),
-                    );
+                    spawn_revalidation(upstream, cx, key.clone(), clone_parts(&parts), e.clone());
                 }
                 let kind = format!("hit; ttl=-{}", e.staleness(now).as_secs());
                 return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
@@ -191,21 +179,8 @@ async fn serve_full(
                         return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
                     }
                 }
-                let (resp, outcome) = fill(
-                    active,
-                    route,
-                    config,
-                    &key,
-                    parts,
-                    stale,
-                    &client_headers,
-                    head,
-                    peer,
-                    id,
-                    finish,
-                    miss_kind,
-                )
-                .await;
+                let (resp, outcome) =
+                    fill(&upstream, config, &key, parts, stale, &client_headers, head, cx, miss_kind).await;
                 guard.finish(outcome);
                 if let (Some(shared), Some(token)) = (&active.shared_cache, lock) {
                     shared.unlock(key.hash, &token).await;
@@ -216,25 +191,18 @@ async fn serve_full(
     }
     // The app's answer cannot be shared (or the leader took too long): ask it directly.
     route.cache_lookups.bypass.inc();
-    let (resp, _) = fetch(active, route, parts, None, peer, id, finish).await?;
+    let (resp, _) = fetch(&upstream, parts, None, cx).await?;
     Ok(pass_through(config, resp, "fwd=bypass"))
 }
 
 /// Asks the app (conditionally when a stale entry can be revalidated).
 #[allow(clippy::too_many_arguments)]
-async fn fetch(
-    active: &Active,
-    route: &RouteRuntime,
+async fn fetch<U: ToApp>(
+    upstream: &U,
     mut parts: Parts,
     stale: Option<&Entry>,
-    peer: SocketAddr,
-    id: &HeaderValue,
-    finish: &mut Finish,
+    cx: &mut Cx<'_>,
 ) -> Result<(Response<Incoming>, bool), ProxyError> {
-    if let Some(c) = &route.concurrency {
-        c.admit()?;
-        finish.holds_slot = true;
-    }
     // HEAD is filled with GET, so the entry serves both.
     parts.method = Method::GET;
     for name in &CONDITIONAL {
@@ -252,29 +220,27 @@ async fn fetch(
         }
         asked
     });
-    prepare(&mut parts, peer, id, false)?;
-    let resp = send(active, route, Request::from_parts(parts, UpstreamBody::Empty), finish).await?;
+    prepare(&mut parts, cx.peer, cx.id, false)?;
+    let resp = upstream.call(Request::from_parts(parts, UpstreamBody::Empty), cx).await?;
     Ok((resp, revalidating))
 }
 
 /// The leader's work on a miss: fetch, store when allowed, answer.
 #[allow(clippy::too_many_arguments)]
-async fn fill(
-    active: &Arc<Active>,
-    route: &RouteRuntime,
+async fn fill<U: ToApp>(
+    upstream: &U,
     config: &CacheConfig,
     key: &CacheKey,
     parts: Parts,
     stale: Option<Arc<Entry>>,
     client_headers: &HeaderMap,
     head: bool,
-    peer: SocketAddr,
-    id: &HeaderValue,
-    finish: &mut Finish,
+    cx: &mut Cx<'_>,
     miss_kind: &str,
 ) -> (Result<Response<ProxyBody>, ProxyError>, Flight) {
+    let (active, route) = (cx.active, cx.route);
     let store = &active.store;
-    let fetched = fetch(active, route, parts, stale.as_deref(), peer, id, finish).await;
+    let fetched = fetch(upstream, parts, stale.as_deref(), cx).await;
     let now = SystemTime::now();
     let serve_stale = |e: &Arc<Entry>| e.staleness(now) <= e.stale_if_error;
     let resp = match fetched {
@@ -536,15 +502,8 @@ async fn encode(enc: apipolicy_api::Encoding, body: &Bytes) -> Option<Bytes> {
 }
 
 /// Revalidates a stale entry in the background (stale-while-revalidate).
-fn spawn_revalidation(
-    active: Arc<Active>,
-    route_index: usize,
-    key: CacheKey,
-    parts: Parts,
-    stale: Arc<Entry>,
-    peer: SocketAddr,
-    id: HeaderValue,
-) {
+fn spawn_revalidation<U: ToApp>(upstream: U, cx: &Cx<'_>, key: CacheKey, parts: Parts, stale: Arc<Entry>) {
+    let (active, route_index, peer, id) = (cx.active.clone(), cx.route_index, cx.peer, cx.id.clone());
     tokio::spawn(async move {
         let route = &active.routes[route_index];
         let Some(config) = &route.cache else { return };
@@ -554,19 +513,17 @@ fn spawn_revalidation(
         };
         let client_headers = parts.headers.clone();
         let mut finish = Finish::background(active.clone(), route_index);
-        let client_headers = client_headers;
+        let mut cx =
+            Cx { active: &active, route, route_index, peer, id: &id, finish: &mut finish, bad_path: None };
         let (_, outcome) = fill(
-            &active,
-            route,
+            &upstream,
             config,
             &key,
             parts,
             Some(stale.clone()),
             &client_headers,
             true,
-            peer,
-            &id,
-            &mut finish,
+            &mut cx,
             "fwd=stale",
         )
         .await;

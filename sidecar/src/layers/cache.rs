@@ -1,0 +1,55 @@
+//! The route's cache (`cache`): fresh hits, 304s and stale-while-revalidate are answered here;
+//! a miss is coalesced with the same URL's other misses and filled through the upstream-side
+//! layers below pass-through ([`Fills::upstream`]), so a fill is framed, timed, limited and
+//! counted like any request to the app. What the cache may not answer passes through.
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::{
+    body::ProxyBody,
+    cache::{Asks, flow},
+    outbound::Forward,
+    pipeline::{Cx, Service, ToApp, rescue},
+};
+
+pub struct Cache<S>(pub S);
+
+/// A layer below the cache that reaches the app: the cache fills through it.
+pub trait Fills {
+    type Upstream: ToApp;
+
+    fn upstream(&self) -> Self::Upstream;
+}
+
+impl<U: ToApp> Fills for Forward<U> {
+    type Upstream = U;
+
+    fn upstream(&self) -> U {
+        *Forward::upstream(self)
+    }
+}
+
+impl<S> Service<Request<Incoming>> for Cache<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>> + Fills,
+{
+    type Response = Response<ProxyBody>;
+
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+        if let Some(cache) = &cx.route.cache {
+            let asks = Asks::of(req.headers());
+            match flow::eligible(cache, &req, asks) {
+                Some(true) => {
+                    return match flow::serve(self.0.upstream(), req, asks, cx).await {
+                        Ok(resp) => resp,
+                        Err(e) => rescue(e, cx),
+                    };
+                }
+                Some(false) => cx.route.cache_lookups.bypass.inc(),
+                None => {}
+            }
+        }
+        self.0.call(req, cx).await
+    }
+}

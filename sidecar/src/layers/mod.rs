@@ -1,0 +1,8 @@
+//! The request pipeline's layers, one concern a file; [`crate::proxy::stack`] assembles them.
+
+pub mod cache;
+pub mod compress;
+pub mod concurrency;
+pub mod invalidate;
+pub mod path;
+pub mod ratelimit;
