@@ -143,6 +143,17 @@ pub struct RouteConfig {
     pub max_in_flight: Option<u32>,
     #[serde(default = "stream_idle_timeout_default", skip_serializing_if = "is_stream_idle_timeout_default")]
     pub stream_idle_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRulesConfig>,
+}
+
+/// `requestHeaders`, names lower-cased, in the order they apply: removals, then sets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HeaderRulesConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
 }
 
 fn stream_idle_timeout_default() -> u64 {
@@ -490,6 +501,7 @@ fn merge(route: &RouteSettings, defaults: &RouteSettings) -> RouteSettings {
             .stream_idle_timeout
             .clone()
             .or_else(|| defaults.stream_idle_timeout.clone()),
+        request_headers: route.request_headers.clone().or_else(|| defaults.request_headers.clone()),
     }
 }
 
@@ -579,6 +591,14 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
             .stream_idle_timeout
             .as_ref()
             .map_or(defaults::STREAM_IDLE_TIMEOUT_MS, |d| d.as_millis()),
+        request_headers: s
+            .request_headers
+            .as_ref()
+            .filter(|r| !r.set.is_empty() || !r.remove.is_empty())
+            .map(|r| HeaderRulesConfig {
+                remove: r.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                set: r.set.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
+            }),
     }
 }
 

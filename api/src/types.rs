@@ -326,6 +326,28 @@ pub struct RouteSettings {
     /// `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<Duration>,
+
+    /// Headers set on, or removed from, every request the route sends the app (pass-through
+    /// and cache fills alike), after the cache key is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+}
+
+/// Changes to request headers, as Envoy's `request_headers_to_add`/`_remove` and nginx's
+/// `proxy_set_header`. Names are case-insensitive. Headers that frame the message, route it
+/// hop by hop, or that the sidecar owns (`Host`, `X-Request-Id`, the `X-Forwarded-*` and
+/// `Forwarded` family) cannot be changed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderRules {
+    /// Headers to set, replacing any the client sent: name → value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub set: BTreeMap<String, String>,
+    /// Headers to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub remove: Vec<String>,
 }
 
 /// Caching of responses and the cache headers sent to clients.

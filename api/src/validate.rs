@@ -535,6 +535,9 @@ impl Ctx<'_> {
         if let Some(size) = &s.max_request_body {
             p.size(&format!("{at}.maxRequestBody"), size, 1, 64 * 1024 * MIB);
         }
+        if let Some(rules) = &s.request_headers {
+            header_rules(p, &format!("{at}.requestHeaders"), rules);
+        }
     }
 
     fn rate_limit(&self, p: &mut Problems, at: &str, rl: &RateLimit) {
@@ -649,6 +652,60 @@ fn check_host_port(address: &str) -> Result<(), String> {
 }
 
 /// RFC 9110 token characters (header names).
+/// Request headers a route may not set or remove: they frame the message or route it hop by
+/// hop (RFC 9110 §7.6.1), or the sidecar owns them (the host, the request id, the forwarding
+/// headers it sets or drops by trust).
+const UNCHANGEABLE_HEADERS: [&str; 14] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "x-request-id",
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+];
+
+fn unchangeable(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    UNCHANGEABLE_HEADERS.contains(&name.as_str()) || name.starts_with("x-forwarded-")
+}
+
+fn header_rules(p: &mut Problems, at: &str, rules: &crate::HeaderRules) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, value) in &rules.set {
+        let path = format!("{at}.set[{name:?}]");
+        if !is_token(name) {
+            p.add(&path, format!("{name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"));
+        } else if unchangeable(name) {
+            p.add(&path, format!("{name} cannot be set: the sidecar or the HTTP framing owns it"));
+        } else if !seen.insert(name.to_ascii_lowercase()) {
+            p.add(&path, format!("{name} is set twice (header names are case-insensitive)"));
+        }
+        if value.len() > 8192 {
+            p.add(&path, "the value is longer than 8192 bytes");
+        } else if !value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+            p.add(&path, "the value may hold visible ASCII, spaces and tabs only (no line breaks)");
+        }
+    }
+    for (i, name) in rules.remove.iter().enumerate() {
+        let path = format!("{at}.remove[{i}]");
+        if !is_token(name) {
+            p.add(&path, format!("{name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"));
+        } else if unchangeable(name) {
+            p.add(&path, format!("{name} cannot be removed: the sidecar or the HTTP framing owns it"));
+        } else if seen.contains(&name.to_ascii_lowercase()) {
+            p.add(&path, format!("{name} is both set and removed"));
+        }
+    }
+}
+
 pub fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

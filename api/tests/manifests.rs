@@ -380,6 +380,42 @@ fn cases() -> Vec<Case> {
             "must be an http:// URL",
         ),
         case("/apiVersion", json!("apipolicy.dev/v1"), "apiVersion", "use apipolicy.dev/v1alpha1"),
+        case(
+            "/spec/routes/0/requestHeaders",
+            json!({"set": {"Host": "elsewhere"}}),
+            "spec.routes[0].requestHeaders.set[\"Host\"]",
+            "Host cannot be set",
+        ),
+        case(
+            "/spec/routes/0/requestHeaders",
+            json!({"remove": ["x-forwarded-for"]}),
+            "spec.routes[0].requestHeaders.remove[0]",
+            "x-forwarded-for cannot be removed",
+        ),
+        case(
+            "/spec/defaults/requestHeaders",
+            json!({"set": {"x-tenant": "acme\r\nx-admin: 1"}}),
+            "spec.defaults.requestHeaders.set[\"x-tenant\"]",
+            "no line breaks",
+        ),
+        case(
+            "/spec/routes/0/requestHeaders",
+            json!({"set": {"x-tenant": "a", "X-Tenant": "b"}}),
+            "spec.routes[0].requestHeaders.set[\"x-tenant\"]",
+            "set twice",
+        ),
+        case(
+            "/spec/routes/0/requestHeaders",
+            json!({"set": {"x-debug": "0"}, "remove": ["X-Debug"]}),
+            "spec.routes[0].requestHeaders.remove[0]",
+            "both set and removed",
+        ),
+        case(
+            "/spec/routes/0/requestHeaders",
+            json!({"set": {"bad name": "1"}}),
+            "spec.routes[0].requestHeaders.set[\"bad name\"]",
+            "is not a header name",
+        ),
     ]
 }
 

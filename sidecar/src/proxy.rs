@@ -23,6 +23,7 @@ use crate::{
         invalidate::Invalidate,
         path::RefuseBadPath,
         ratelimit::RateLimit,
+        request_headers::SetRequestHeaders,
     },
     outbound::{Forward, Upstream},
     pipeline::{Cx, Service},
@@ -33,10 +34,9 @@ use crate::{
 
 /// The request pipeline below the request id, the route match and the accounting, in
 /// request order: each layer sees the request before the ones under it, and their answer
-/// after them. Built once; each layer reads its own part of the route a request matched.
-pub type Stack = Compress<RefuseBadPath<RateLimit<Invalidate<Cache<Forward<ConcurrencyLimit<Upstream>>>>>>>;
-
-pub fn stack() -> Stack {
+/// after them. The layers hold nothing (each reads its own part of the route a request
+/// matched), so building the stack costs nothing and it is built where it is used.
+pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>> {
     ServiceBuilder::new()
         // Outermost: compression sees every answer, problem answers included (they get Vary).
         .layer(layer_fn(Compress))
@@ -51,6 +51,8 @@ pub fn stack() -> Stack {
         .layer(layer_fn(Cache))
         // Pass-through: body limits, streaming, upgrades. Below it, requests are the app's.
         .layer(layer_fn(Forward))
+        // The route's header rules, on every request to the app (fills too), after the cache key.
+        .layer(layer_fn(SetRequestHeaders))
         // Only what goes to the app takes a maxInFlight slot; hits never do.
         .layer(layer_fn(ConcurrencyLimit))
         // The app: framing, the route's timeout, the pooled connection, upstream metrics.
@@ -61,12 +63,11 @@ pub fn stack() -> Stack {
 pub struct Proxy {
     pub active: ArcSwap<Active>,
     ids: RequestIds,
-    stack: Stack,
 }
 
 impl Proxy {
     pub fn new(active: Active) -> Self {
-        Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new(), stack: stack() }
+        Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
     }
 
     pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
@@ -88,7 +89,7 @@ impl Proxy {
         let route = &active.routes[index];
         let mut cx =
             Cx { active: &active, route, route_index: index, peer, id: &id, finish: &mut finish, bad_path };
-        let mut resp = self.stack.call(req, &mut cx).await;
+        let mut resp = stack().call(req, &mut cx).await;
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();
         if resp.body().streams() {

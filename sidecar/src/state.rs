@@ -18,6 +18,7 @@ use crate::{
     clientip::TrustedProxies,
     error::ProxyError,
     health::Health,
+    layers::request_headers::HeaderRules,
     metrics::{CacheLookups, Metrics, RouteMetrics},
     ratelimit::RouteLimiter,
     redis_client::Redis,
@@ -126,6 +127,8 @@ pub struct RouteRuntime {
     pub cache_lookups: CacheLookups,
     /// Bytes into and out of compression of cached bodies.
     pub compression_bytes: (IntCounter, IntCounter),
+    /// `requestHeaders`.
+    pub request_headers: Option<HeaderRules>,
 }
 
 /// A route's cap on requests in flight. The count carries over a reload that keeps the route,
@@ -196,6 +199,13 @@ impl Active {
                     compression: r.compression.clone(),
                     cache_lookups: metrics.cache_lookups(&r.name),
                     compression_bytes: metrics.compression_bytes(&r.name),
+                    request_headers: r.request_headers.as_ref().and_then(|rules| {
+                        HeaderRules::new(rules)
+                            .inspect_err(
+                                |e| tracing::warn!(route = %r.name, error = %e, "requestHeaders left out"),
+                            )
+                            .ok()
+                    }),
                     limiter: r.rate_limit.as_ref().map(|rl| {
                         let global =
                             (rl.scope == apipolicy_api::Scope::Global).then(|| redis.clone()).flatten();

@@ -522,3 +522,63 @@ async fn bodies_that_stall_past_the_stream_idle_timeout_are_ended() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("request-body-timeout"), "{text}");
 }
+
+/// `requestHeaders`: removed, then set, on what the app gets; a route's own rules replace the
+/// defaults' whole; a cache fill carries them too, and the cache key is the client's request.
+#[tokio::test]
+async fn request_header_rules_reach_the_app() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("header-rules");
+    let text = "apiVersion: apipolicy.dev/v1alpha1
+kind: ApiPolicy
+metadata: {name: test, namespace: default}
+spec:
+  selector: {matchLabels: {app: test}}
+  upstream: {port: 8080}
+  defaults:
+    requestHeaders: {set: {x-from-defaults: 'yes'}}
+  routes:
+  - name: ruled
+    match: {path: {exact: /headers}, methods: [GET]}
+    cache: {maxAge: 60s}
+    requestHeaders:
+      set: {X-Tenant: acme, x-api-version: '2'}
+      remove: [X-Debug]
+  - name: posts
+    match: {path: {exact: /headers}, methods: [POST]}
+";
+    let sc =
+        apipolicy_sidecar::server::start(options(dir.file("policy.yaml", text), &up.url())).await.unwrap();
+    let c = client();
+    let get = || {
+        Request::get(format!("http://{}/headers", sc.proxy_addr))
+            .header("x-debug", "1")
+            .header("x-tenant", "someone-else")
+            .body(empty())
+            .unwrap()
+    };
+    let (status, headers, body) = send(&c, get()).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(h["x-tenant"], "acme", "set replaces the client's value: {h}");
+    assert_eq!(h["x-api-version"], "2");
+    assert!(h.get("x-debug").is_none(), "removed: {h}");
+    assert!(h.get("x-from-defaults").is_none(), "the route's rules replace the defaults' whole: {h}");
+    assert!(headers["cache-status"].to_str().unwrap().contains("stored"), "{headers:?}");
+    // The fill carried the rules; the same client request is now a hit.
+    let before = up.count();
+    let (_, headers, again) = send(&c, get()).await;
+    assert_eq!(up.count(), before, "served from the cache");
+    assert_eq!(again, body);
+    assert!(headers["cache-status"].to_str().unwrap().starts_with("ApiPolicy; hit"), "{headers:?}");
+
+    let req = Request::post(format!("http://{}/headers", sc.proxy_addr))
+        .header("x-debug", "1")
+        .body(empty())
+        .unwrap();
+    let (_, _, body) = send(&c, req).await;
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["x-from-defaults"], "yes", "a route without rules takes the defaults'");
+    assert_eq!(seen["headers"]["x-debug"], "1");
+}

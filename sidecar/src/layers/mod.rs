@@ -6,3 +6,4 @@ pub mod concurrency;
 pub mod invalidate;
 pub mod path;
 pub mod ratelimit;
+pub mod request_headers;
