@@ -3,6 +3,9 @@
 //! left alone. Every answer of a compressing route says `Vary: Accept-Encoding`, problem
 //! answers included.
 
+use std::future::Future;
+
+use futures::future::Either;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
 
@@ -20,16 +23,22 @@ where
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        cx: &mut Cx<'_>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
         if cx.route.compression.is_none() || req.method() == Method::HEAD {
-            return self.0.call(req, cx).await;
+            return Either::Left(self.0.call(req, cx));
         }
         let accept = req.headers().get(header::ACCEPT_ENCODING).cloned();
-        let resp = self.0.call(req, cx).await;
-        match &cx.route.compression {
-            Some(config) => compress_streaming(resp, config, accept.as_ref()),
-            None => resp,
-        }
+        Either::Right(async move {
+            let resp = self.0.call(req, cx).await;
+            match &cx.route.compression {
+                Some(config) => compress_streaming(resp, config, accept.as_ref()),
+                None => resp,
+            }
+        })
     }
 }
 
