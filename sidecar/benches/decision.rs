@@ -209,7 +209,8 @@ fn poll_once<F: Future>(fut: F) -> F::Output {
 
 fn bench_check(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
     let metrics = Metrics::new();
-    let limiter = Arc::new(RouteLimiter::new("bench", &config(algorithm), 1, &metrics, None, None));
+    let limiter =
+        Arc::new(RouteLimiter::new("bench", &config(algorithm), 1, &metrics, None, None, Default::default()));
     let trusted = TrustedProxies::default();
     let headers = HeaderMap::new();
     let peers: Vec<SocketAddr> = (0..KEYS as u32)
@@ -228,9 +229,10 @@ fn bench_check(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
 /// For scale: the two clock reads `check` makes per request (`now_ns` and the epoch for
 /// `X-RateLimit-Reset`).
 fn bench_clocks(ms: u64) -> Row {
+    let clock = apipolicy_sidecar::clock::Clock::default();
     let op = |_t: usize, _i: u64| {
-        black_box(apipolicy_sidecar::ratelimit::now_ns());
-        black_box(std::time::SystemTime::now());
+        black_box(clock.now_ns());
+        black_box(clock.now_ms());
     };
     let batch = calibrate(ms, &|i| op(0, i));
     row("clock reads (context)", "-", 1, measure(1, batch, op))

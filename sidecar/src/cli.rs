@@ -157,6 +157,7 @@ impl Tuning {
             admin_token: self.admin_token.clone(),
             max_connections: self.max_connections,
             idle_timeout: self.idle_timeout,
+            clock: crate::clock::Clock::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod clientip;
+pub mod clock;
 pub mod compress;
 pub mod demo;
 pub mod error;

@@ -75,13 +75,14 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
     let upstream =
         options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
     let metrics = Metrics::new();
-    let slos = Arc::new(Slos::new(metrics.clone()));
+    let slos = Arc::new(Slos::new(metrics.clone(), options.clock.clone()));
     let settings = Settings {
         upstream,
         redis: options.redis.clone(),
         metrics: metrics.clone(),
         access_log: options.access_log,
         slos: slos.clone(),
+        clock: options.clock.clone(),
         store: Arc::new(Store::new(
             options.cache_bytes,
             CacheMetrics {

@@ -22,6 +22,7 @@ use hyper_util::{
 };
 
 use crate::{
+    clock::Clock,
     metrics::Metrics,
     proxy::Proxy,
     state::{Active, Settings},
@@ -58,6 +59,8 @@ pub struct Options {
     pub max_connections: u32,
     /// How long a client connection may wait for a request head (idle keep-alive included).
     pub idle_timeout: Duration,
+    /// The clock of limits, cache freshness and SLO windows (tests move it).
+    pub clock: Clock,
 }
 
 #[derive(Clone, Debug)]

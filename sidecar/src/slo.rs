@@ -16,7 +16,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use apipolicy_api::{
@@ -28,11 +28,7 @@ use arc_swap::ArcSwap;
 use prometheus::{Gauge, IntCounter};
 use serde_json::json;
 
-use crate::{health::rfc3339, metrics::Metrics};
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use crate::{clock::Clock, health::rfc3339, metrics::Metrics};
 
 /// One SLO: its config (replaced on reload) and its history (kept while the name stays).
 pub struct Tracker {
@@ -103,11 +99,12 @@ pub struct Slos {
     trackers: Mutex<HashMap<String, Arc<Tracker>>>,
     metrics: Metrics,
     pub started_ms: u64,
+    clock: Clock,
 }
 
 impl Slos {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { trackers: Mutex::new(HashMap::new()), metrics, started_ms: now_ms() }
+    pub fn new(metrics: Metrics, clock: Clock) -> Self {
+        Self { trackers: Mutex::new(HashMap::new()), metrics, started_ms: clock.now_ms(), clock }
     }
 
     /// The trackers of `config`, in its order: an SLO that keeps its name keeps its history;
@@ -155,7 +152,7 @@ impl Slos {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let now = now_ms();
+            let now = self.clock.now_ms();
             for t in self.all() {
                 t.fold(now);
                 t.update_gauges(now);
@@ -165,7 +162,7 @@ impl Slos {
 
     /// The body of `/slo`.
     pub fn document(&self, order: &[Arc<Tracker>]) -> serde_json::Value {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let slos: Vec<serde_json::Value> = order
             .iter()
             .map(|t| {
@@ -189,7 +186,7 @@ impl Slos {
 
     /// The report for the operator: minute buckets since `since_ms`, cumulative per bucket.
     pub fn report(&self, pod: &str, revision: &str, order: &[Arc<Tracker>], since_ms: u64) -> SloReport {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         SloReport {
             pod: pod.to_owned(),
             started_at_ms: self.started_ms,

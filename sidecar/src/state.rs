@@ -16,6 +16,7 @@ use crate::{
     accounting::{Finish, Ledger},
     cache::{Store, shared::Shared},
     clientip::TrustedProxies,
+    clock::Clock,
     error::ProxyError,
     health::Health,
     layers::request_headers::HeaderRules,
@@ -51,6 +52,8 @@ pub struct Active {
     /// Unique to this build of a config (never 0): what is remembered about a config, such as
     /// whether a cache entry is compressible on a route, is remembered with it.
     pub generation: u64,
+    /// The sidecar's clock (limits, cache freshness).
+    pub clock: Clock,
 }
 
 static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -65,6 +68,7 @@ pub struct Settings {
     pub access_log: bool,
     pub slos: Arc<Slos>,
     pub store: Arc<Store>,
+    pub clock: Clock,
 }
 
 /// The Redis store for this config: the previous one when its address did not change.
@@ -216,6 +220,7 @@ impl Active {
                             metrics,
                             prior.and_then(|p| p.limiter.as_ref()),
                             global.map(|store| (store, format!("{scope}/{}", r.name))),
+                            settings.clock.clone(),
                         )
                     }),
                     concurrency: r.max_in_flight.map(|max| {
@@ -275,6 +280,7 @@ impl Active {
             })
             .collect();
         Ok(Self {
+            clock: settings.clock.clone(),
             config,
             router,
             routes,

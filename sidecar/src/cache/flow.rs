@@ -21,6 +21,7 @@ use super::{
 use crate::{
     accounting::Finish,
     body::{Buffered, ProxyBody, UpstreamBody, buffer},
+    clock::Clock,
     compress,
     error::ProxyError,
     headers::{Raw, RequestHeaders},
@@ -92,7 +93,7 @@ pub async fn serve<U: ToApp>(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (active, route) = (cx.active, cx.route);
     let head = req.method() == Method::HEAD;
-    let now = SystemTime::now();
+    let now = active.clock.now();
     let (headers, uri) = (req.headers(), req.uri());
     let host = crate::forwarded::cache_host(host(headers, uri), headers);
     let hash = super::url_hash(host.as_bytes(), uri.path(), uri.query(), sorts(route));
@@ -122,7 +123,7 @@ async fn serve_full<U: ToApp>(
     let mut miss_kind = "fwd=uri-miss";
     // A few rounds at most: a waiter whose leader failed may lead the next round itself.
     for _ in 0..3 {
-        let now = SystemTime::now();
+        let now = active.clock.now();
         match store.lookup(&key, &client_headers, now) {
             Lookup::Fresh(e) => {
                 route.cache_lookups.hit.inc();
@@ -157,21 +158,24 @@ async fn serve_full<U: ToApp>(
                 // Another pod may have it, or be fetching it.
                 let mut lock = None;
                 if let Some(shared) = &active.shared_cache {
-                    let found = match from_shared(shared, config, &key, &client_headers).await {
+                    let found = match from_shared(shared, config, &key, &client_headers, &active.clock).await
+                    {
                         Some(e) => Some((e, "detail=shared")),
                         None => match shared.lock(key.hash, route.timeout).await {
                             FillLock::Acquired(token) => {
                                 lock = Some(token);
                                 None
                             }
-                            FillLock::Held => wait_for_shared(shared, config, route, &key, &client_headers)
-                                .await
-                                .map(|e| (e, "detail=shared-fill")),
+                            FillLock::Held => {
+                                wait_for_shared(shared, config, route, &key, &client_headers, &active.clock)
+                                    .await
+                                    .map(|e| (e, "detail=shared-fill"))
+                            }
                             FillLock::Unavailable => None,
                         },
                     };
                     if let Some((e, detail)) = found {
-                        let now = SystemTime::now();
+                        let now = active.clock.now();
                         store.insert(&key, e.clone(), &client_headers, now);
                         guard.finish(Flight::Stored);
                         route.cache_lookups.hit.inc();
@@ -241,7 +245,7 @@ async fn fill<U: ToApp>(
     let (active, route) = (cx.active, cx.route);
     let store = &active.store;
     let fetched = fetch(upstream, parts, stale.as_deref(), cx).await;
-    let now = SystemTime::now();
+    let now = active.clock.now();
     let serve_stale = |e: &Arc<Entry>| e.staleness(now) <= e.stale_if_error;
     let resp = match fetched {
         Err(e) if e.is_policy() => return (Err(e), Flight::Failed),
@@ -467,7 +471,7 @@ pub fn lane_hit(
     if asks.range || asks.conditional {
         return None;
     }
-    let now = SystemTime::now();
+    let now = active.clock.now();
     let hash = super::url_hash(url.0, url.1, url.2, sorts(route));
     let e = active.store.fresh(hash, headers, asks, now)?;
     // Statuses whose framing hyper rewrites (no body, no Content-Length) take the full path.
@@ -565,11 +569,12 @@ async fn from_shared(
     config: &CacheConfig,
     key: &CacheKey,
     request: &HeaderMap,
+    clock: &Clock,
 ) -> Option<Arc<Entry>> {
     let e = shared.get(config, key).await?;
     let req = super::CacheRequest { uri: &key.uri, headers: request };
     matches!(
-        http_cache_semantics::CachePolicy::before_request(&e.policy, &req, SystemTime::now()),
+        http_cache_semantics::CachePolicy::before_request(&e.policy, &req, clock.now()),
         http_cache_semantics::BeforeRequest::Fresh(_)
     )
     .then(|| Arc::new(e))
@@ -582,11 +587,12 @@ async fn wait_for_shared(
     route: &RouteRuntime,
     key: &CacheKey,
     request: &HeaderMap,
+    clock: &Clock,
 ) -> Option<Arc<Entry>> {
     let deadline = tokio::time::Instant::now() + route.timeout;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        if let Some(e) = from_shared(shared, config, key, request).await {
+        if let Some(e) = from_shared(shared, config, key, request, clock).await {
             return Some(e);
         }
     }

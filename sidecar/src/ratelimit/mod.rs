@@ -10,7 +10,6 @@ use std::{
     hash::BuildHasher,
     net::SocketAddr,
     sync::{Arc, LazyLock},
-    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use apipolicy_api::{LimitMode, MissingKey, RateLimitConfig, Scope, StoreFailure};
@@ -19,6 +18,7 @@ use prometheus::IntCounter;
 
 use crate::{
     clientip::{Client, TrustedProxies},
+    clock::Clock,
     error::ProxyError,
     headers::{RequestHeaders, text},
     metrics::Metrics,
@@ -32,12 +32,6 @@ static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fas
 /// Global keys are hashed alike in every pod; a collision would only make two clients share a
 /// count, never cost Redis more.
 static GLOBAL_KEYS: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x6170_6970_6f6c_6963);
-static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Nanoseconds on the sidecar's monotonic clock.
-pub fn now_ns() -> u64 {
-    START.elapsed().as_nanos() as u64
-}
 
 /// The response headers a limit writes.
 pub const HEADER_NAMES: [&str; 5] =
@@ -68,6 +62,7 @@ pub struct RouteLimiter {
     allowed: IntCounter,
     limited: IntCounter,
     shadow_limited: IntCounter,
+    clock: Clock,
 }
 
 /// Headers for a response the limit applied to.
@@ -102,6 +97,7 @@ impl RouteLimiter {
         metrics: &Metrics,
         previous: Option<&RouteLimiter>,
         global: Option<(Arc<Redis>, String)>,
+        clock: Clock,
     ) -> Self {
         let share = if config.scope == Scope::Replicas { replicas } else { 1 };
         let mut params =
@@ -149,6 +145,7 @@ impl RouteLimiter {
             allowed: decisions.0,
             limited: decisions.1,
             shadow_limited: decisions.2,
+            clock,
         }
     }
 
@@ -161,7 +158,8 @@ impl RouteLimiter {
     ) -> Result<Option<Applied>, ProxyError> {
         let (which, material) = self.key(headers, peer, trusted)?;
         let Some((store, scope)) = &self.global else {
-            let decision = self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+            let decision =
+                self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
             return self.finish(decision, which);
         };
         // Every pod must name a key alike: a fixed hash, not this process's random one.
@@ -177,8 +175,11 @@ impl RouteLimiter {
                     }
                     StoreFailure::FailClosed => Err(ProxyError::LimitStoreUnavailable(e.to_string())),
                     StoreFailure::LocalFallback => {
-                        let decision =
-                            self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+                        let decision = self.stores[which].decide(
+                            SEED.hash_one(material),
+                            &self.params[which],
+                            self.clock.now_ns(),
+                        );
                         self.finish(decision, which)
                     }
                 }
@@ -198,7 +199,8 @@ impl RouteLimiter {
             return None;
         }
         Some(self.key(headers, peer, trusted).and_then(|(which, material)| {
-            let decision = self.stores[which].decide(SEED.hash_one(material), &self.params[which], now_ns());
+            let decision =
+                self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
             self.finish(decision, which)
         }))
     }
@@ -260,7 +262,7 @@ impl RouteLimiter {
         }
         let (policy, limit) = &self.policy_headers[which];
         let reset_s = d.reset_ns.div_ceil(1_000_000_000);
-        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let epoch = self.clock.now_ms() / 1000;
         let mut ratelimit = Text::default();
         ratelimit.push(b"\"").push(self.route.as_bytes()).push(b"\";r=").push_u64(d.remaining);
         ratelimit.push(b";t=").push_u64(reset_s);
@@ -306,7 +308,7 @@ impl RouteLimiter {
 
     /// Forgets idle keys.
     pub fn sweep(&self) {
-        let now = now_ns();
+        let now = self.clock.now_ns();
         for (store, params) in self.stores.iter().zip(&self.params) {
             store.sweep(params, now);
         }
@@ -329,7 +331,7 @@ mod tests {
             "overrides": [{"values": ["gold"], "limit": {"requests": 4, "perMs": 60_000, "burst": 4}}]
         }))
         .unwrap();
-        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None, Clock::default());
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let trusted = TrustedProxies::default();
         let mut plain = HeaderMap::new();
@@ -358,7 +360,7 @@ mod tests {
             "overrides": [], "maxKeys": 2_000
         }))
         .unwrap();
-        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None, Clock::default());
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let trusted = TrustedProxies::default();
         for i in 0..50_000 {
@@ -380,7 +382,7 @@ mod tests {
             "scope": "Pod", "mode": "Enforce", "onStoreFailure": "LocalFallback", "overrides": []
         }))
         .unwrap();
-        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None);
+        let limiter = RouteLimiter::new("r", &config, 1, &Metrics::new(), None, None, Clock::default());
         let mut h = HeaderMap::new();
         h.append("x-api-key", HeaderValue::from_static("a"));
         h.append("x-api-key", HeaderValue::from_static("b"));

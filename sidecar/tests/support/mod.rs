@@ -345,6 +345,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
         admin_token: None,
         max_connections: 4096,
         idle_timeout: Duration::from_secs(30),
+        clock: apipolicy_sidecar::clock::Clock::default(),
     }
 }
 
