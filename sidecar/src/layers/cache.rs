@@ -3,9 +3,6 @@
 //! layers below pass-through ([`Fills::upstream`]), so a fill is framed, timed, limited and
 //! counted like any request to the app. What the cache may not answer passes through.
 
-use std::future::Future;
-
-use futures::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -39,27 +36,20 @@ where
 {
     type Response = Response<ProxyBody>;
 
-    fn call(
-        &self,
-        req: Request<Incoming>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if let Some(cache) = &cx.route.cache {
             let asks = Asks::of(req.headers());
             match flow::eligible(cache, &req, asks) {
                 Some(true) => {
-                    let upstream = self.0.upstream();
-                    return Either::Left(async move {
-                        match flow::serve(upstream, req, asks, cx).await {
-                            Ok(resp) => resp,
-                            Err(e) => rescue(e, cx),
-                        }
-                    });
+                    return match flow::serve(self.0.upstream(), req, asks, cx).await {
+                        Ok(resp) => resp,
+                        Err(e) => rescue(e, cx),
+                    };
                 }
                 Some(false) => cx.route.cache_lookups.bypass.inc(),
                 None => {}
             }
         }
-        Either::Right(self.0.call(req, cx))
+        self.0.call(req, cx).await
     }
 }

@@ -3,9 +3,6 @@
 //! left alone. Every answer of a compressing route says `Vary: Accept-Encoding`, problem
 //! answers included.
 
-use std::future::Future;
-
-use futures::future::Either;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
 
@@ -23,22 +20,16 @@ where
 {
     type Response = Response<ProxyBody>;
 
-    fn call(
-        &self,
-        req: Request<Incoming>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if cx.route.compression.is_none() || req.method() == Method::HEAD {
-            return Either::Left(self.0.call(req, cx));
+            return self.0.call(req, cx).await;
         }
         let accept = req.headers().get(header::ACCEPT_ENCODING).cloned();
-        Either::Right(async move {
-            let resp = self.0.call(req, cx).await;
-            match &cx.route.compression {
-                Some(config) => compress_streaming(resp, config, accept.as_ref()),
-                None => resp,
-            }
-        })
+        let resp = self.0.call(req, cx).await;
+        match &cx.route.compression {
+            Some(config) => compress_streaming(resp, config, accept.as_ref()),
+            None => resp,
+        }
     }
 }
 

@@ -1,9 +1,6 @@
 //! The route's `maxInFlight`: only what goes to the app takes a slot (cache hits never do, so
 //! a burst of hits is never shed), held until the response ends; past the limit, 503 at once.
 
-use std::future::{Future, ready};
-
-use futures::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -22,17 +19,11 @@ where
 {
     type Response = Result<Response<Incoming>, ProxyError>;
 
-    fn call(
-        &self,
-        req: Request<UpstreamBody>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Self::Response> + Send {
+    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
         if let Some(c) = &cx.route.concurrency {
-            if let Err(e) = c.admit() {
-                return Either::Left(ready(Err(e)));
-            }
+            c.admit()?;
             cx.finish.holds_slot = true;
         }
-        Either::Right(self.0.call(req, cx))
+        self.0.call(req, cx).await
     }
 }

@@ -1,9 +1,6 @@
 //! A path the route matcher refused (`%00`, an escaped slash under `escapedSlashes: Reject`…)
 //! is answered here, before any limit or cache sees the request.
 
-use std::future::{Future, ready};
-
-use futures::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -21,15 +18,10 @@ where
 {
     type Response = Response<ProxyBody>;
 
-    fn call(
-        &self,
-        req: Request<Incoming>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        // The common case adds no state of its own to the stack's future.
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         match cx.bad_path.take() {
-            Some(e) => Either::Left(ready(rescue(ProxyError::InvalidPath(e), cx))),
-            None => Either::Right(self.0.call(req, cx)),
+            Some(e) => rescue(ProxyError::InvalidPath(e), cx),
+            None => self.0.call(req, cx).await,
         }
     }
 }

@@ -1,9 +1,6 @@
 //! The route's rate limit (`routes[].rateLimit`): a refused request costs nothing further, and
 //! the limit's headers go on every answer of the route, problem answers included.
 
-use std::future::Future;
-
-use futures::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -20,23 +17,7 @@ where
 {
     type Response = Response<ProxyBody>;
 
-    fn call(
-        &self,
-        req: Request<Incoming>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        match &cx.route.limiter {
-            None => Either::Left(self.0.call(req, cx)),
-            Some(_) => Either::Right(self.limited(req, cx)),
-        }
-    }
-}
-
-impl<S> RateLimit<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>>,
-{
-    async fn limited(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         let Some(limiter) = &cx.route.limiter else { return self.0.call(req, cx).await };
         let applied = match limiter.check(req.headers(), cx.peer, &cx.active.trusted).await {
             Ok(applied) => applied,

@@ -2,8 +2,6 @@
 //! every request the route sends the app, pass-through and cache fills alike. The cache key
 //! was taken above, from the client's request.
 
-use std::future::Future;
-
 use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
@@ -58,14 +56,10 @@ where
 {
     type Response = Result<Response<Incoming>, ProxyError>;
 
-    fn call(
-        &self,
-        mut req: Request<UpstreamBody>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Self::Response> + Send {
+    async fn call(&self, mut req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
         if let Some(rules) = &cx.route.request_headers {
             rules.apply(req.headers_mut());
         }
-        self.0.call(req, cx)
+        self.0.call(req, cx).await
     }
 }
