@@ -132,7 +132,9 @@ impl UpstreamPool {
             let reused = if attempt <= 2 { self.checkout() } else { None };
             let (mut tx, is_reused) = match reused {
                 Some(tx) => (tx, true),
-                None => (self.connect().await?, false),
+                // Boxed: a new connection is rare, and its future (connect, handshake) would
+                // otherwise make every request's future, and each copy of it, larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
