@@ -2,7 +2,7 @@
 //! `HeaderMap`, or straight from the parsed bytes of an HTTP/1 request head (the cache-hit
 //! lane), so that a hit needs no map built.
 
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 /// The request id header, kept or made for every request.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,6 +84,42 @@ impl RequestHeaders for Raw<'_> {
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
         let name = name.as_str().as_bytes();
         self.0.iter().filter(move |h| is(h.name, name)).map(|h| h.value)
+    }
+}
+
+/// `requestHeaders` parsed once per config.
+#[derive(Debug, Default)]
+pub struct HeaderRules {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderRules {
+    /// Validation refuses what does not parse; a config that skipped it has the entry named.
+    pub fn new(config: &apipolicy_api::HeaderRulesConfig) -> Result<Self, String> {
+        let name =
+            |n: &str| HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("{n:?} is not a header name"));
+        Ok(Self {
+            remove: config.remove.iter().map(|n| name(n)).collect::<Result<_, _>>()?,
+            set: config
+                .set
+                .iter()
+                .map(|(n, v)| {
+                    let value = HeaderValue::from_str(v)
+                        .map_err(|_| format!("the value of {n} is not a header value"))?;
+                    Ok((name(n)?, value))
+                })
+                .collect::<Result<_, String>>()?,
+        })
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
     }
 }
 
