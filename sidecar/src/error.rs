@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::{body::ProxyBody, ratelimit::Applied};
+use crate::{body::ProxyBody, ratelimit::applied::Applied};
 
 /// Why the sidecar answered a request itself.
 #[derive(Debug, thiserror::Error)]

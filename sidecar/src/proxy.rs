@@ -133,7 +133,7 @@ pub enum LaneAnswer {
         hit: crate::cache::flow::LaneHit,
         id: HeaderValue,
         // Boxed, as the refusal: a plain hit's answer stays small (it is moved a few times).
-        limit: Option<Box<crate::ratelimit::Applied>>,
+        limit: Option<Box<crate::ratelimit::applied::Applied>>,
         finish: Finish,
     },
     Refused {

@@ -217,7 +217,7 @@ impl HitHead {
             if name == crate::headers::X_REQUEST_ID {
                 continue;
             }
-            limit_headers |= crate::ratelimit::HEADER_NAMES.contains(&name.as_str());
+            limit_headers |= crate::ratelimit::applied::HEADER_NAMES.contains(&name.as_str());
             crate::headers::header_line(&mut wire, name.as_str().as_bytes(), value.as_bytes());
         }
         let dated = headers.contains_key(header::DATE);

@@ -2,6 +2,7 @@
 //! the client (IETF `RateLimit-Policy`/`RateLimit` and the common `X-RateLimit-*`).
 
 pub mod algo;
+pub mod applied;
 pub mod local;
 pub mod redis;
 
@@ -26,22 +27,13 @@ use crate::{
     values::{self, Text},
 };
 use algo::{Decision, Params};
+pub use applied::{Applied, HEADER_NAMES};
 use local::LocalStore;
 
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
 /// Global keys are hashed alike in every pod; a collision would only make two clients share a
 /// count, never cost Redis more.
 static GLOBAL_KEYS: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x6170_6970_6f6c_6963);
-
-/// The response headers a limit writes.
-pub const HEADER_NAMES: [&str; 5] =
-    ["ratelimit-policy", "ratelimit", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"];
-
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// One route's limiter, rebuilt on reload; its store is kept when the limit did not change.
 pub struct RouteLimiter {
@@ -63,28 +55,6 @@ pub struct RouteLimiter {
     limited: IntCounter,
     shadow_limited: IntCounter,
     clock: Clock,
-}
-
-/// Headers for a response the limit applied to.
-#[derive(Debug)]
-pub struct Applied {
-    headers: [(HeaderName, HeaderValue); 5],
-}
-
-impl Applied {
-    /// The headers as HTTP/1.1 lines, for the cache-hit lane.
-    pub fn lines(&self, out: &mut Vec<u8>) {
-        for (name, value) in &self.headers {
-            crate::headers::header_line(out, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-
-    pub fn write(self, headers: &mut HeaderMap) {
-        headers.reserve(self.headers.len());
-        for (name, value) in self.headers {
-            headers.insert(name, value);
-        }
-    }
 }
 
 impl RouteLimiter {
@@ -164,7 +134,9 @@ impl RouteLimiter {
         };
         // Every pod must name a key alike: a fixed hash, not this process's random one.
         let key = format!("apipolicy:{{{scope}/{which}/{:016x}}}", GLOBAL_KEYS.hash_one(material));
-        match redis::decide(store, self.config.algorithm, &key, &self.params[which]).await {
+        // Boxed: the Redis call's future is large, and a local limit's request should not carry
+        // (and copy) its room.
+        match Box::pin(redis::decide(store, self.config.algorithm, &key, &self.params[which])).await {
             Ok(decision) => self.finish(decision, which),
             Err(e) => {
                 tracing::debug!(error = %e, "rate-limit store failure");
@@ -282,15 +254,7 @@ impl RouteLimiter {
                     HeaderValue::from(epoch + reset_s),
                 ]
             });
-        let applied = Applied {
-            headers: [
-                (RATELIMIT_POLICY.clone(), policy.clone()),
-                (RATELIMIT.clone(), ratelimit),
-                (X_LIMIT.clone(), limit.clone()),
-                (X_REMAINING.clone(), remaining),
-                (X_RESET.clone(), reset),
-            ],
-        };
+        let applied = Applied::new(policy.clone(), ratelimit, limit.clone(), remaining, reset);
         if d.allowed {
             Ok(Some(applied))
         } else {
