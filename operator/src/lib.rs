@@ -1,6 +1,7 @@
 //! The ApiPolicy operator.
 
 pub mod agent;
+pub mod args;
 pub mod auth;
 pub mod budgets;
 pub mod caches;

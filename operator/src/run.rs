@@ -21,9 +21,9 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     agent::{AgentApi, Forwarding},
+    args::RunArgs,
     caches::Cache,
     certs::{self, Bundle, CertStore},
-    cli::RunArgs,
     context::{Clock, Context, Stores, key_of, system_clock},
     controller,
     error::{Error, Result},
