@@ -2,6 +2,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -11,6 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use clap::Args;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
@@ -20,9 +22,22 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use crate::cli::DemoArgs;
+use crate::sidecar::Tuning;
 
 const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The policy (default: examples/quickstart.yaml when present, else a built-in copy).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let app = TcpListener::bind("127.0.0.1:0").await?;

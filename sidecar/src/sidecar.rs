@@ -14,6 +14,7 @@ use std::{
 };
 
 use apipolicy_api::SidecarConfig;
+use clap::Args;
 use http::Uri;
 use hyper::service::service_fn;
 use hyper_util::{
@@ -161,4 +162,84 @@ pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, sou
             tracing::warn!(source, error = %e, "config refused; keeping the last good one");
         }
     }
+}
+
+/// The flags that tune a sidecar, shared by the sidecar and `demo`.
+#[derive(Args, Debug, Clone)]
+pub struct Tuning {
+    /// How often the policy file is checked for changes.
+    #[arg(long, env = "APIPOLICY_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub reload_interval: Duration,
+    /// After SIGTERM, how long to go on accepting while `/readyz` fails.
+    #[arg(long, env = "APIPOLICY_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    pub drain_delay: Duration,
+    /// After the listener closes, how long requests in flight may take to finish.
+    #[arg(long, env = "APIPOLICY_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+    /// Write a JSON access log line per request to stdout.
+    #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+    /// Answer plain cache hits on HTTP/1.1 connections from the parsed request bytes (the
+    /// cache-hit lane); `false` sends every request through hyper.
+    #[arg(long, env = "APIPOLICY_HIT_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hit_lane: bool,
+    /// The most the response cache holds (a Kubernetes quantity: 64Mi, 1Gi).
+    #[arg(long, env = "APIPOLICY_CACHE_SIZE", default_value = "64Mi", value_parser = size)]
+    pub cache_size: u64,
+    /// Ready replicas of the policy's pods, which `scope: Replicas` limits divide by (in a
+    /// cluster the operator sends it; this is for local mode).
+    #[arg(long, env = "APIPOLICY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
+    /// A bearer token that `/config` and `POST /purge` on the admin listener require from
+    /// every peer; without one they answer loopback peers only.
+    #[arg(long, env = "APIPOLICY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The most client connections open at once; past it new ones are closed at once (and
+    /// counted in `apipolicy_connections_refused_total`).
+    #[arg(long, env = "APIPOLICY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long a client connection may stay idle (no request head arriving) before it is
+    /// closed; also the time a request head may take to arrive whole.
+    #[arg(long, env = "APIPOLICY_IDLE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub idle_timeout: Duration,
+}
+
+impl Tuning {
+    pub fn options(
+        &self,
+        policy: PathBuf,
+        upstream: Option<String>,
+        listen: SocketAddr,
+        admin: SocketAddr,
+    ) -> Options {
+        Options {
+            policy,
+            upstream,
+            listen,
+            admin,
+            reload_interval: self.reload_interval,
+            drain_delay: self.drain_delay,
+            shutdown_timeout: self.shutdown_timeout,
+            access_log: self.access_log,
+            hit_lane: self.hit_lane,
+            replicas: self.replicas,
+            redis: None,
+            operator: None,
+            cache_bytes: self.cache_size,
+            admin_token: self.admin_token.clone(),
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            clock: crate::clock::Clock::default(),
+        }
+    }
+}
+
+/// A size flag (`64Mi`).
+pub fn size(s: &str) -> Result<u64, String> {
+    s.parse::<apipolicy_api::ByteSize>().map(|q| q.bytes()).map_err(|e| e.to_string())
+}
+
+/// A duration flag (`10s`).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    s.parse::<apipolicy_api::Duration>().map(|d| d.as_std()).map_err(|e| e.to_string())
 }
