@@ -41,7 +41,8 @@ where
             let asks = Asks::of(req.headers());
             match flow::eligible(cache, &req, asks) {
                 Some(true) => {
-                    return match flow::serve(self.0.upstream(), req, asks, cx).await {
+                    // Boxed: the pass-through below should not carry the cache's room.
+                    return match Box::pin(flow::serve(self.0.upstream(), req, asks, cx)).await {
                         Ok(resp) => resp,
                         Err(e) => rescue(e, cx),
                     };
