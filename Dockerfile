@@ -13,15 +13,15 @@ COPY tests/Cargo.toml tests/Cargo.toml
 COPY sidecar/benches sidecar/benches
 # Stand-in sources, so that this layer builds every dependency and fails loudly if it cannot.
 RUN for c in api sidecar operator tests; do mkdir -p $c/src && echo 'fn main() {}' > $c/src/main.rs && touch $c/src/lib.rs; done \
- && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator
+ && cargo build --profile dist --locked -p apipolicy-sidecar -p apipolicy-operator
 COPY . .
 RUN touch api/src/lib.rs sidecar/src/*.rs operator/src/*.rs \
- && cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator \
- && strip target/release/apipolicy-sidecar target/release/apipolicy-operator
+ && cargo build --profile dist --locked -p apipolicy-sidecar -p apipolicy-operator \
+ && strip target/dist/apipolicy-sidecar target/dist/apipolicy-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/apipolicy-sidecar /usr/local/bin/apipolicy-sidecar
-COPY --from=build /src/target/release/apipolicy-operator /usr/local/bin/apipolicy-operator
+COPY --from=build /src/target/dist/apipolicy-sidecar /usr/local/bin/apipolicy-sidecar
+COPY --from=build /src/target/dist/apipolicy-operator /usr/local/bin/apipolicy-operator
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/apipolicy-operator"]
 CMD ["run"]

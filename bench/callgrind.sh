@@ -3,14 +3,14 @@
 # not move with the machine's load, for before/after comparisons of a change to the request
 # path. Run after `bash bench/run.sh` has installed its tools (nginx, oha).
 #
-# Usage: SIDECAR_BIN=target/release/apipolicy-sidecar bash bench/callgrind.sh [N]
+# Usage: SIDECAR_BIN=target/dist/apipolicy-sidecar bash bench/callgrind.sh [N]
 #   N requests per kind (default 20000), 16 connections; prints `kind instructions/request`.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORK="$BENCH_DIR/work/callgrind"
 N=${1:-20000}
-SIDECAR_BIN=${SIDECAR_BIN:-$BENCH_DIR/../target/release/apipolicy-sidecar}
+SIDECAR_BIN=${SIDECAR_BIN:-$BENCH_DIR/../target/dist/apipolicy-sidecar}
 OHA=$(command -v oha || echo "$BENCH_DIR/work/tools/bin/oha")
 UP=127.0.0.1:18180
 PROXY=127.0.0.1:18181

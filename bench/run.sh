@@ -22,7 +22,7 @@
 #
 # Environment knobs (all optional):
 #   SCENARIOS          comma-separated scenarios to run (default: all); --only wins over it
-#   SIDECAR_BIN        use this sidecar binary instead of building target/release/apipolicy-sidecar
+#   SIDECAR_BIN        use this sidecar binary instead of building target/dist/apipolicy-sidecar
 #   WRK_DURATION       baseline max-throughput run length (default 10s); WARMUP_DURATION (default 3s)
 #   OHA_DURATION       baseline fixed-rate run length (default 10s); RATE_FRACTION (default 0.5 of nginx's max)
 #   SCENARIO_DURATION  length of each wrk run of the other scenarios (default 6s)
@@ -219,10 +219,10 @@ ensure_sidecar() {
     [[ -x "$SIDECAR_BIN" ]] || die "SIDECAR_BIN=$SIDECAR_BIN is not an executable"
     return
   fi
-  log "building the sidecar: cargo build --release -p apipolicy-sidecar"
-  (cd "$REPO_DIR" && cargo build --release -p apipolicy-sidecar) ||
-    die "cargo build --release -p apipolicy-sidecar failed"
-  SIDECAR_BIN="$REPO_DIR/target/release/apipolicy-sidecar"
+  log "building the sidecar: cargo build --profile dist -p apipolicy-sidecar"
+  (cd "$REPO_DIR" && cargo build --profile dist -p apipolicy-sidecar) ||
+    die "cargo build --profile dist -p apipolicy-sidecar failed"
+  SIDECAR_BIN="$REPO_DIR/target/dist/apipolicy-sidecar"
   [[ -x "$SIDECAR_BIN" ]] || die "no binary at $SIDECAR_BIN after the build"
 }
 

@@ -18,12 +18,12 @@ rootfs=$out/rootfs
 rm -rf "$out" && mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc" "$rootfs/tmp"
 
 echo "building the release binaries"
-cargo build --release --locked -p apipolicy-sidecar -p apipolicy-operator
+cargo build --profile dist --locked -p apipolicy-sidecar -p apipolicy-operator
 for bin in apipolicy-sidecar apipolicy-operator; do
-  cp "target/release/$bin" "$rootfs/usr/local/bin/$bin"
+  cp "target/dist/$bin" "$rootfs/usr/local/bin/$bin"
   strip "$rootfs/usr/local/bin/$bin"
   # The libraries the dynamic loader will look for, at the paths it looks at.
-  ldd "target/release/$bin" | grep -o '/[^ ]*' | while read -r lib; do
+  ldd "target/dist/$bin" | grep -o '/[^ ]*' | while read -r lib; do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
   done
