@@ -76,6 +76,20 @@ pub struct RunArgs {
     pub tuning: Tuning,
 }
 
+/// An error and its causes as one line: a cause whose text the message above already holds is
+/// not said again (`cannot read …: No such file or directory` stays one line).
+pub fn one_message(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Builds the runtime and runs the command.
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)

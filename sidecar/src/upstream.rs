@@ -37,6 +37,16 @@ impl Upstream {
             return Err(format!("--upstream {url:?} must be scheme://host:port only, without a path"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {url:?} has no host"))?;
+        // What follows the host, when anything does, must be `:` and a port from 1 to 65535.
+        let after_host = authority.as_str().strip_prefix(authority.host()).unwrap_or_default();
+        if !after_host.is_empty()
+            && !after_host.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| p > 0)
+        {
+            return Err(format!("--upstream {url:?} has no valid port: use a number from 1 to 65535"));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("--upstream {url:?} has no host"));
+        }
         Ok(Self { scheme: Scheme::HTTP, authority })
     }
 

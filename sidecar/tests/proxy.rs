@@ -582,3 +582,39 @@ spec:
     assert_eq!(seen["headers"]["x-from-defaults"], "yes", "a route without rules takes the defaults'");
     assert_eq!(seen["headers"]["x-debug"], "1");
 }
+
+/// A mistake at start is one clean line on stderr and a failing exit, whatever RUST_BACKTRACE
+/// says: no repeated cause, no backtrace; a bad `--upstream` port is refused at start.
+#[test]
+fn startup_mistakes_are_one_clean_line() {
+    let dir = TempDir::new("startup-errors");
+    let policy = dir.file("policy.yaml", &policy(ROUTES));
+    let missing = dir.0.join("missing.yaml");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--policy", missing.to_str().unwrap()], "cannot read the policy file"),
+        (&["--policy", policy.to_str().unwrap(), "--upstream", "http://127.0.0.1:abc"], "has no valid port"),
+        (
+            &["--policy", policy.to_str().unwrap(), "--upstream", "http://127.0.0.1:99999"],
+            "has no valid port",
+        ),
+        (
+            &["--policy", policy.to_str().unwrap(), "--upstream", "https://127.0.0.1:8443"],
+            "must be an http:// URL",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log", "off"])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line, got:\n{stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains(says), "{args:?}: {stderr}");
+        if args[1].ends_with("missing.yaml") {
+            assert_eq!(stderr.matches("No such file or directory").count(), 1, "the cause once: {stderr}");
+        }
+    }
+}
