@@ -40,7 +40,7 @@ impl Upstream {
         // What follows the host, when anything does, must be `:` and a port from 1 to 65535.
         let after_host = authority.as_str().strip_prefix(authority.host()).unwrap_or_default();
         if !after_host.is_empty()
-            && !after_host.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| p > 0)
+            && after_host.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0)
         {
             return Err(format!("--upstream {url:?} has no valid port: use a number from 1 to 65535"));
         }
