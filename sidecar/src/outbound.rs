@@ -155,9 +155,7 @@ impl Service<Request<UpstreamBody>> for Upstream {
     type Response = Result<Response<Incoming>, ProxyError>;
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
-        // Boxed, once per request to the app: every layer above holds (and moves) this future,
-        // so its room in them is a pointer, not the exchange's whole state.
-        Box::pin(send(cx.active, cx.route, req, cx.finish)).await
+        send(cx.active, cx.route, req, cx.finish).await
     }
 }
 

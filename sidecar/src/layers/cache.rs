@@ -41,8 +41,7 @@ where
             let asks = Asks::of(req.headers());
             match flow::eligible(cache, &req, asks) {
                 Some(true) => {
-                    // Boxed: the pass-through below should not carry the cache's room.
-                    return match Box::pin(flow::serve(self.0.upstream(), req, asks, cx)).await {
+                    return match flow::serve(self.0.upstream(), req, asks, cx).await {
                         Ok(resp) => resp,
                         Err(e) => rescue(e, cx),
                     };
