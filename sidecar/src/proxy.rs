@@ -20,7 +20,6 @@ use crate::{
         cache::Cache,
         compress::{Compress, compress_streaming},
         concurrency::ConcurrencyLimit,
-        invalidate::Invalidate,
         path::RefuseBadPath,
         ratelimit::RateLimit,
         request_headers::SetRequestHeaders,
@@ -45,9 +44,8 @@ pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>
         // Before the cache: a refused request costs nothing further; the limit's headers go
         // on every answer below, cache hits included.
         .layer(layer_fn(RateLimit))
-        // Once the app took an unsafe request, the cache forgets its URL.
-        .layer(layer_fn(Invalidate))
-        // Hits are answered here; misses are filled through the upstream side below.
+        // Hits are answered here; misses are filled through the upstream side below; an
+        // unsafe request the app took makes the cache forget its URL.
         .layer(layer_fn(Cache))
         // Pass-through: body limits, streaming, upgrades. Below it, requests are the app's.
         .layer(layer_fn(Forward))

@@ -1,9 +1,10 @@
 //! The route's cache (`cache`): fresh hits, 304s and stale-while-revalidate are answered here;
 //! a miss is coalesced with the same URL's other misses and filled through the upstream-side
 //! layers below pass-through ([`Fills::upstream`]), so a fill is framed, timed, limited and
-//! counted like any request to the app. What the cache may not answer passes through.
+//! counted like any request to the app. What the cache may not answer passes through; an
+//! unsafe request that the app took invalidates the cached URL.
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::{
@@ -50,6 +51,18 @@ where
                 None => {}
             }
         }
-        self.0.call(req, cx).await
+        // Unsafe requests invalidate what the cache holds for their URL once the app took them
+        // (RFC 9111 §4.4), on whichever route they came: a 2xx or 3xx answer to anything but
+        // GET, HEAD, OPTIONS or TRACE.
+        let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+        let target =
+            (!safe).then(|| flow::target(&req, cx.route.cache.as_ref().is_some_and(|c| c.sort_query)));
+        let resp = self.0.call(req, cx).await;
+        if let Some(target) = target
+            && (resp.status().is_success() || resp.status().is_redirection())
+        {
+            flow::invalidate(cx.active, &target, resp.headers());
+        }
+        resp
     }
 }

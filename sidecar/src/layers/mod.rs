@@ -3,7 +3,6 @@
 pub mod cache;
 pub mod compress;
 pub mod concurrency;
-pub mod invalidate;
 pub mod path;
 pub mod ratelimit;
 pub mod request_headers;

@@ -2,6 +2,8 @@
 //! every request the route sends the app, pass-through and cache fills alike. The cache key
 //! was taken above, from the client's request.
 
+use std::future::Future;
+
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -20,10 +22,16 @@ where
 {
     type Response = Result<Response<Incoming>, ProxyError>;
 
-    async fn call(&self, mut req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
+    // Not async: the request is changed here and the app's future handed up as it is, so this
+    // layer adds no state (and no copy) to the stack's future.
+    fn call(
+        &self,
+        mut req: Request<UpstreamBody>,
+        cx: &mut Cx<'_>,
+    ) -> impl Future<Output = Self::Response> + Send {
         if let Some(rules) = &cx.route.request_headers {
             rules.apply(req.headers_mut());
         }
-        self.0.call(req, cx).await
+        self.0.call(req, cx)
     }
 }
