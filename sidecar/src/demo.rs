@@ -28,11 +28,13 @@ const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// The policy (default: examples/quickstart.yaml when present, else a built-in copy).
+    /// The policy (default: a working copy of the built-in examples/quickstart.yaml).
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Where clients connect to the sidecar.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
+    /// The admin listener: /healthz, /readyz, /metrics, /slo, /config and POST /purge.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
     #[command(flatten)]
@@ -44,38 +46,47 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let app_addr = app.local_addr()?;
     tokio::spawn(serve_app(app));
 
-    let policy = match args.policy {
-        Some(p) => p,
-        None if PathBuf::from("examples/quickstart.yaml").exists() => {
-            PathBuf::from("examples/quickstart.yaml")
-        }
+    // The user edits a working copy, never the tracked example (an edit there would change
+    // what the tests check); the copy goes when the demo stops.
+    let (policy, copy) = match args.policy {
+        Some(p) => (p, None),
         None => {
-            let p = std::env::temp_dir().join(format!("apipolicy-demo-{}.yaml", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("apipolicy-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let p = dir.join("policy.yaml");
             std::fs::write(&p, QUICKSTART)?;
-            p
+            (p, Some(dir))
         }
     };
     let options =
         args.tuning.options(policy.clone(), Some(format!("http://{app_addr}")), args.listen, args.admin);
     let handle = crate::server::start(options).await?;
     let (p, a) = (handle.proxy_addr, handle.admin_addr);
+    let origin = if copy.is_some() {
+        " (a copy of examples/quickstart.yaml, removed when the demo stops)"
+    } else {
+        ""
+    };
     eprintln!(
-        "\nApiPolicy demo: the sidecar on http://{p} runs {policy} in front of a demo products API on http://{app_addr}.\n\
-         Edit the policy file and it reloads. Try:\n\n\
-         \x20 curl -si http://{p}/api/products -o /dev/null -D -     # cached: Cache-Status, ETag, Cache-Control (run it twice)\n\
-         \x20 curl -si http://{p}/api/products -H 'Accept-Encoding: br' -o /dev/null -D -   # compressed once, kept in the cache\n\
-         \x20 curl -si http://{p}/api/products -H 'If-None-Match: <the ETag>'            # 304\n\
-         \x20 curl -i http://{p}/api/slow                        # the app takes 1.5s, the route allows 1s: 504 problem+json\n\
-         \x20 for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://{p}/api/auth/login; done   # 5 then 429\n\
-         \x20 for i in $(seq 20); do curl -s -o /dev/null http://{p}/api/flaky; done; curl -s http://{a}/slo   # the error budget\n\
-         \x20 curl -s -X POST http://{a}/purge -d '{{\"keys\": [\"products\"]}}'\n\
-         \x20 curl -s http://{a}/metrics | grep '^apipolicy_'\n\
-         \x20 curl -s http://{a}/readyz\n\n\
+        "\nApiPolicy demo: the sidecar on http://{p} runs {policy}{origin}\n\
+         in front of a demo products API on http://{app_addr}. Edit the policy file and it reloads. Try:\n\n\
+         \x20 curl -s -o /dev/null -D - http://{p}/api/products     # cached: Cache-Status, ETag, Cache-Control (run it twice)\n\
+         \x20 curl -s -o /dev/null -D - -H 'Accept-Encoding: br' http://{p}/api/products   # compressed once, kept in the cache\n\
+         \x20 etag=$(curl -s -o /dev/null -w '%header{{etag}}' http://{p}/api/products); curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"If-None-Match: $etag\" http://{p}/api/products   # 304\n\
+         \x20 curl -s http://{p}/api/slow; echo                 # the app takes 1.5s, the route allows 1s: 504 problem+json\n\
+         \x20 for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://{p}/api/auth/login; done; echo   # 5 then 429\n\
+         \x20 for i in $(seq 20); do curl -s -o /dev/null http://{p}/api/flaky; done; curl -s http://{a}/slo; echo   # the error budget\n\
+         \x20 curl -s -X POST http://{a}/purge -d '{{\"keys\": [\"products\"]}}'; echo\n\
+         \x20 curl -s http://{a}/metrics | grep '^apipolicy_requests_total'\n\
+         \x20 curl -s http://{a}/readyz; echo\n\n\
          Ctrl-C stops it.\n",
         policy = policy.display()
     );
     crate::signal::stop_on_signal(&handle).await;
     handle.wait().await;
+    if let Some(dir) = copy {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
 }
 

@@ -618,3 +618,42 @@ fn startup_mistakes_are_one_clean_line() {
         }
     }
 }
+
+/// `demo` runs a working copy of the quickstart (never the tracked example), its printed
+/// conditional request answers 304, and the copy goes when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_copy_and_leaves_nothing_behind() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log", "off"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = String::new();
+    while !banner.contains("Ctrl-C stops it") {
+        banner.push_str(&lines.next().expect("the demo exited before its banner").unwrap());
+        banner.push('\n');
+    }
+    let policy = banner.split(" runs ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    assert!(
+        !policy.contains("examples/quickstart.yaml"),
+        "the tracked example is never the one edited: {banner}"
+    );
+    assert!(std::path::Path::new(&policy).exists(), "{policy}");
+    let proxy = banner.split("http://").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    // The banner's If-None-Match line, done by hand.
+    let c = client();
+    let (status, headers, _) = get(&c, format!("http://{proxy}/api/products")).await;
+    assert_eq!(status, StatusCode::OK);
+    let etag = headers["etag"].clone();
+    let req = Request::get(format!("http://{proxy}/api/products"))
+        .header("if-none-match", etag)
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(&c, req).await.0, StatusCode::NOT_MODIFIED);
+    assert!(banner.contains("-w '%{http_code}\\n' -H \"If-None-Match: $etag\""), "{banner}");
+
+    assert!(Command::new("kill").args(["-s", "TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    assert!(!std::path::Path::new(&policy).exists(), "the working copy is removed: {policy}");
+}
