@@ -383,7 +383,7 @@ impl AgentApi {
         match ctx.budgets.merge(&key, &names, &report, ctx.now_ms(), || ctx.load_history(&policy)) {
             Ok(merged) => {
                 if !merged.unknown_slos.is_empty() {
-                    tracing::debug!(policy = %policy.name_any(), slos = ?merged.unknown_slos, "ignored reports of unknown SLOs");
+                    tracing::debug!(policy = %policy.name_any(), slos = %merged.unknown_slos.join(", "), "ignored reports of unknown SLOs");
                 }
                 json(&merged.ack)
             }

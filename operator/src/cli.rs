@@ -71,7 +71,13 @@ pub fn main(cli: Cli) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).try_init();
+    // The sidecar's schema: the message and the fields at the top level of each line.
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .try_init();
 }
 
 /// The CRD as `apipolicy-operator crd` prints it and `crds/` stores it.

@@ -222,7 +222,10 @@ impl Election {
         self.tx.send_if_modified(|s| {
             let was = s.leads_until.take().is_some();
             if was {
-                tracing::warn!(holder = ?holder.as_ref().map(|h| &h.identity), "leadership changed leads=false: another replica holds the Lease");
+                tracing::warn!(
+                    holder = holder.as_ref().map(|h| h.identity.as_str()),
+                    "leadership changed leads=false: another replica holds the Lease"
+                );
             }
             let changed = was || s.holder != holder;
             s.holder = holder;
@@ -277,7 +280,7 @@ impl Election {
         match self.api.replace(LEASE, &PostParams::default(), &lease).await {
             Ok(written) => {
                 if !mine {
-                    tracing::info!(previous = ?held_by, "took the Lease");
+                    tracing::info!(previous = held_by, "took the Lease");
                 }
                 self.observed = Some(Observed { lease: written, at: started });
                 Ok(Outcome::Holds(started))

@@ -199,7 +199,7 @@ async fn certificates(
                 CertStore::new(client.clone(), namespace, certs::names(&args.service_name, namespace, &urls));
             let (bundle, renewal) = store.ensure(clock()).await?;
             if let Some(why) = renewal {
-                tracing::info!(?why, secret = %format!("{namespace}/{}", certs::SECRET), "issued certificates");
+                tracing::info!(why = ?why, secret = %format!("{namespace}/{}", certs::SECRET), "issued certificates");
             }
             (ServerTls::from_pem(&bundle.cert, &bundle.key)?, Some(bundle.ca_cert), Some(store))
         }
@@ -358,7 +358,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ca: ca.is_some(),
         resources: args.sidecar_resources(),
     };
-    tracing::info!(image = %inject_config.image, native_sidecar, operator = ?inject_config.operator_url, "injection settings");
+    tracing::info!(image = %inject_config.image, native_sidecar, operator = inject_config.operator_url.as_deref(), "injection settings");
 
     // Bind before any task starts, so a taken port fails the start rather than a later task.
     let metrics_listener = serve::bind(args.metrics_addr).await?;
@@ -367,7 +367,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let (election_stop, election_stopped) = oneshot::channel::<()>();
     let candidate = Candidate { identity: identity.clone(), agent_url: advertise_url(&args) };
-    tracing::info!(%identity, %namespace, lease = leader::LEASE, agent_url = ?candidate.agent_url, "competing for leadership");
+    tracing::info!(%identity, %namespace, lease = leader::LEASE, agent_url = candidate.agent_url.as_deref(), "competing for leadership");
     let (leader, election) =
         leader::elect(client.clone(), &namespace, candidate, leader::Timing::default(), async move {
             let _ = election_stopped.await;
@@ -503,7 +503,7 @@ async fn mark_ready(ctx: Arc<Context>) {
                 let waited = started.elapsed().as_secs();
                 ctx.metrics.not_ready_seconds.set(waited as i64);
                 let not_filled = ctx.caches.now().missing();
-                tracing::error!(waited_s = waited, ?not_filled, "the caches are still not filled: the operator reconciles nothing and /readyz fails");
+                tracing::error!(waited_s = waited, not_filled = %not_filled.join(", "), "the caches are still not filled: the operator reconciles nothing and /readyz fails");
             }
         }
     }
@@ -623,7 +623,7 @@ async fn rotate_certificates(
 async fn rotate_once(ctx: &Context, store: &CertStore, tls: &ServerTls, clock: &Clock) -> Result<Bundle> {
     let (bundle, renewal) = store.ensure(clock()).await?;
     if let Some(why) = renewal {
-        tracing::info!(?why, "renewed the certificates");
+        tracing::info!(why = ?why, "renewed the certificates");
     }
     if tls.serve_pem(&bundle.cert, &bundle.key)? {
         tracing::info!("serving the renewed certificate");

@@ -296,7 +296,7 @@ impl Webhook {
         let (response, outcome) = respond(&request, &self.policies.state(), &self.config);
         let label = match &outcome {
             Outcome::Injected { policy, .. } => {
-                tracing::info!(namespace = ?request.namespace, pod = %request.object.as_ref().map(describe).unwrap_or_default(), %policy, "injecting the sidecar");
+                tracing::info!(namespace = request.namespace.as_deref(), pod = %request.object.as_ref().map(describe).unwrap_or_default(), %policy, "injecting the sidecar");
                 "injected"
             }
             Outcome::Refused { policy, problem } => {

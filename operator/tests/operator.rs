@@ -1218,3 +1218,42 @@ fn the_example_app_is_injectable_as_the_readme_says() {
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
     );
 }
+
+/// One log schema for both binaries: a JSON object per line with `timestamp`, `level`,
+/// `message` and `target` at the top level and the fields beside them (never nested under
+/// `fields`), and no Rust debug formatting in values (`None`, `Some(…)`).
+fn assert_log_schema(line: &str) {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let object = v.as_object().unwrap_or_else(|| panic!("not an object: {line}"));
+    for key in ["timestamp", "level", "message", "target"] {
+        assert!(object.get(key).is_some_and(Value::is_string), "no string {key}: {line}");
+    }
+    assert!(!object.contains_key("fields"), "fields are nested: {line}");
+    for (key, value) in object {
+        if let Some(text) = value.as_str() {
+            assert!(text != "None" && !text.starts_with("Some("), "{key} is Rust debug text: {line}");
+        }
+    }
+}
+
+#[test]
+fn the_operator_logs_in_the_shared_schema() {
+    let out = Command::new(BIN)
+        .args(["run", "--insecure-agent-api", "--metrics-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0"])
+        .args(["--webhook-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no cluster: it stops");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 2, "{stdout}");
+    for line in &lines {
+        assert_log_schema(line);
+    }
+    let stopped: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(stopped["message"], "the operator stopped");
+    assert!(stopped["error"].as_str().unwrap().contains("/nonexistent/kubeconfig"), "{stopped}");
+}

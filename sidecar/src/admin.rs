@@ -187,7 +187,7 @@ async fn purge(sidecar: &Sidecar, req: Request<Incoming>) -> Response<Full<Bytes
         Some(s) => s.purge(&purge.keys, &purge.paths).await,
         None => false,
     };
-    tracing::info!(keys = ?purge.keys, paths = ?purge.paths, purged, shared, "cache purged");
+    tracing::info!(keys = %purge.keys.join(", "), paths = %purge.paths.join(", "), purged, shared, "cache purged");
     json_response(StatusCode::OK, &json!({ "purged": purged, "shared": shared }))
 }
 

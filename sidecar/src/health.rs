@@ -30,6 +30,17 @@ pub enum Status {
     Down,
 }
 
+impl Status {
+    /// As `/readyz` and the logs say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckReport {
@@ -90,7 +101,7 @@ impl Check {
         if s.status != before {
             s.last_change = Some(SystemTime::now());
             self.up.set(i64::from(s.status == Status::Up));
-            tracing::info!(check = %self.config.name, status = ?s.status, error = ?s.last_error, "health check changed");
+            tracing::info!(check = %self.config.name, status = s.status.as_str(), error = s.last_error.as_deref(), "health check changed");
         }
     }
 

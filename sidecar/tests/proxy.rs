@@ -657,3 +657,73 @@ async fn the_demo_runs_a_copy_and_leaves_nothing_behind() {
     assert!(child.wait().unwrap().success());
     assert!(!std::path::Path::new(&policy).exists(), "the working copy is removed: {policy}");
 }
+
+/// The sidecar's log lines: the schema the operator shares (message and fields at the top
+/// level), with real JSON values: a check's status and error as text (no `None`), a purge's
+/// keys as text (not a debug-printed array).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_logs_in_the_shared_schema() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("log-schema");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text = format!(
+        "{}  healthChecks:\n    dependencies:\n    - name: db\n      tcp: {{address: \"{closed}\"}}\n      interval: 2s\n",
+        policy(ROUTES)
+    );
+    let file = dir.file("policy.yaml", &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
+        .args(["--policy", file.to_str().unwrap(), "--upstream", &up.url()])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "false"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let mut seen = Vec::new();
+    let next = |seen: &mut Vec<String>, what: &str| -> serde_json::Value {
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no {what} line: {seen:#?}"));
+            seen.push(line.clone());
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["message"] == what {
+                return v;
+            }
+        }
+    };
+    let listening = next(&mut seen, "listening");
+    let admin = listening["admin"].as_str().unwrap().to_owned();
+    let check = next(&mut seen, "health check changed");
+    assert_eq!(check["status"], "down", "{check}");
+    assert!(check["error"].as_str().unwrap().contains(&closed.to_string()), "{check}");
+    let req = Request::post(format!("http://{admin}/purge"))
+        .body(full(r#"{"keys": ["products", "users"]}"#))
+        .unwrap();
+    assert_eq!(send(&client(), req).await.0, StatusCode::OK);
+    let purged = next(&mut seen, "cache purged");
+    assert_eq!(purged["keys"], "products, users", "{purged}");
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &seen {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let object = v.as_object().unwrap();
+        for key in ["timestamp", "level", "message", "target"] {
+            assert!(object.get(key).is_some_and(serde_json::Value::is_string), "no string {key}: {line}");
+        }
+        assert!(!object.contains_key("fields"), "fields are nested: {line}");
+        for (key, value) in object {
+            if let Some(text) = value.as_str() {
+                assert!(
+                    text != "None" && !text.starts_with("Some(") && !text.starts_with("[\""),
+                    "{key}: {line}"
+                );
+            }
+        }
+    }
+}
