@@ -671,14 +671,25 @@ async fn the_sidecar_logs_in_the_shared_schema() {
         policy(ROUTES)
     );
     let file = dir.file("policy.yaml", &text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
-        .args(["--policy", file.to_str().unwrap(), "--upstream", &up.url()])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "false"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Killed when the test ends, failing or not (a live child would hold the test's output open).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
+            .args(["--policy", file.to_str().unwrap(), "--upstream", &up.url()])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "false"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let _ = tx.send(line.unwrap());
@@ -708,8 +719,7 @@ async fn the_sidecar_logs_in_the_shared_schema() {
     assert_eq!(send(&client(), req).await.0, StatusCode::OK);
     let purged = next(&mut seen, "cache purged");
     assert_eq!(purged["keys"], "products, users", "{purged}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     for line in &seen {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let object = v.as_object().unwrap();
