@@ -29,6 +29,7 @@ fn options(policy: std::path::PathBuf) -> Options {
         admin_token: None,
         max_connections: 64,
         idle_timeout: Duration::from_secs(30),
+        clock: apipolicy_sidecar::clock::Clock::default(),
     }
 }
 
