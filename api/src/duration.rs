@@ -110,7 +110,10 @@ impl FromStr for Duration {
                 "m" => 60_000,
                 "h" => 3_600_000,
                 "d" => 86_400_000,
-                "" => return Err(err("a number has no unit")),
+                "" if bytes.get(i) == Some(&b' ') => {
+                    return Err(err("write the unit right after the number, without a space (5m, 10s)"));
+                }
+                "" => return Err(err("a number has no unit: add one of ms, s, m, h and d (10s, 5m)")),
                 "ns" | "us" | "µs" => return Err(err("the smallest unit is ms")),
                 _ => return Err(err("units are ms, s, m, h and d")),
             };
@@ -190,9 +193,11 @@ mod tests {
     fn refuses_what_go_would_not_write() {
         for (text, why) in [
             ("", "it is empty"),
-            ("10", "a number has no unit"),
+            ("10", "a number has no unit: add one of ms, s, m, h and d (10s, 5m)"),
             ("-5s", "it is negative"),
-            ("5 s", "a number has no unit"),
+            ("5 s", "write the unit right after the number, without a space (5m, 10s)"),
+            ("5 minutes", "write the unit right after the number, without a space (5m, 10s)"),
+            ("5minutes", "units are ms, s, m, h and d"),
             ("1w", "units are ms, s, m, h and d"),
             ("100us", "the smallest unit is ms"),
             ("1.5ms", "the precision is one millisecond"),

@@ -28,6 +28,8 @@ pub struct Checked {
     pub problems: Vec<Problem>,
     /// Documents of other kinds, left alone.
     pub skipped: usize,
+    /// ApiPolicy documents, valid or not.
+    pub documents: usize,
 }
 
 static SCHEMA: LazyLock<Value> = LazyLock::new(|| {
@@ -68,16 +70,20 @@ pub fn check_manifest(text: &str) -> Checked {
                 continue;
             }
         };
+        if value.get("kind").and_then(Value::as_str) == Some("ApiPolicy") || is_misspelt_kind(&value) {
+            out.documents += 1;
+        }
         match check_value(&value) {
             Ok(Some(policy)) => out.policies.push(policy),
             Ok(None) => out.skipped += 1,
             Err(problems) => {
                 let document =
                     value.pointer("/metadata/name").and_then(Value::as_str).map_or(fallback, str::to_owned);
+                // One problem per line, whatever a message from below holds.
                 out.problems.extend(problems.into_iter().map(|(path, message)| Problem {
                     document: document.clone(),
                     path,
-                    message,
+                    message: message.split_whitespace().collect::<Vec<_>>().join(" "),
                 }));
             }
         }
@@ -93,6 +99,10 @@ pub fn check_value(value: &Value) -> Result<Option<ApiPolicy>, Vec<(String, Stri
             "a manifest must be a mapping with apiVersion, kind, metadata and spec".into(),
         )]);
     };
+    if is_misspelt_kind(value) {
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
+        return Err(vec![("kind".into(), format!("{kind:?} is not a kind of apipolicy.dev: use ApiPolicy"))]);
+    }
     if obj.get("kind").and_then(Value::as_str) != Some("ApiPolicy") {
         return Ok(None);
     }
@@ -106,6 +116,24 @@ pub fn check_value(value: &Value) -> Result<Option<ApiPolicy>, Vec<(String, Stri
     let mut problems = Vec::new();
     schema_check(value, &SCHEMA, "", &mut problems);
     if !problems.is_empty() {
+        // The rule checks too, in the same run, on the document without the fields of the wrong
+        // type (when what is left still reads as an ApiPolicy).
+        let mut rest = value.clone();
+        for (path, _) in &problems {
+            remove_at(&mut rest, path);
+        }
+        if let Ok(policy) = serde_json::from_value::<ApiPolicy>(rest)
+            && let Err(errs) = crate::validate(&policy)
+        {
+            let hidden = |path: &str| {
+                problems.iter().any(|(p, _)| {
+                    path == p || path.starts_with(&format!("{p}.")) || path.starts_with(&format!("{p}["))
+                })
+            };
+            let more: Vec<(String, String)> =
+                errs.into_iter().filter(|e| !hidden(&e.path)).map(|e| (e.path, e.message)).collect();
+            problems.extend(more);
+        }
         return Err(problems);
     }
     let policy: ApiPolicy = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -115,6 +143,51 @@ pub fn check_value(value: &Value) -> Result<Option<ApiPolicy>, Vec<(String, Stri
     crate::validate(&policy)
         .map_err(|errs| errs.into_iter().map(|e| (e.path, e.message)).collect::<Vec<_>>())?;
     Ok(Some(policy))
+}
+
+/// A document of this API group whose kind is not ApiPolicy (`APIPolicy`, `Apipolicy`…).
+fn is_misspelt_kind(value: &Value) -> bool {
+    let group =
+        value.get("apiVersion").and_then(Value::as_str).is_some_and(|v| v.starts_with("apipolicy.dev/"));
+    group && value.get("kind").and_then(Value::as_str) != Some("ApiPolicy")
+}
+
+/// Removes the value at a field path as problems name it (`spec.routes[1].rateLimit.per`).
+fn remove_at(doc: &mut Value, path: &str) {
+    let mut steps: Vec<Result<usize, &str>> = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            steps.push(Err(key));
+        }
+        while let Some((index, after)) = rest.split_once(']') {
+            match index.parse() {
+                Ok(i) => steps.push(Ok(i)),
+                Err(_) => return,
+            }
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    let Some((last, parents)) = steps.split_last() else { return };
+    let mut at = doc;
+    for step in parents {
+        let next = match step {
+            Ok(i) => at.get_mut(*i),
+            Err(key) => at.get_mut(*key),
+        };
+        match next {
+            Some(v) => at = v,
+            None => return,
+        }
+    }
+    match (last, at) {
+        (Err(key), Value::Object(map)) => {
+            map.remove(*key);
+        }
+        // A list item of the wrong type: its place stays, empty, so later indexes keep theirs.
+        (Ok(i), Value::Array(items)) if *i < items.len() => items[*i] = Value::Null,
+        _ => {}
+    }
 }
 
 /// Reads a sidecar's policy file: an ApiPolicy manifest (one ApiPolicy document) or a compiled

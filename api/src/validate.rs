@@ -381,7 +381,7 @@ fn route_match(p: &mut Problems, at: &str, m: &RouteMatch) {
             if let Err(e) = compile_path_regex(re) {
                 p.add(
                     format!("{at}.match.path.regex"),
-                    format!("{re:?} is not a valid regular expression: {e}"),
+                    format!("{re:?} is not a valid regular expression: {}", regex_reason(&e)),
                 );
             }
         }
@@ -400,6 +400,15 @@ fn route_match(p: &mut Problems, at: &str, m: &RouteMatch) {
 }
 
 /// The regex of a `regex` path match, anchored to match the whole path.
+/// The regex crate's reason in one line, without the pattern it compiled (which wraps the
+/// user's in `^(?:…)$`): its message's `error: …` line.
+fn regex_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map_or_else(|| text.lines().last().unwrap_or_default().trim().to_owned(), str::to_owned)
+}
+
 pub fn compile_path_regex(re: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^(?:{re})$")).size_limit(1 << 20).build()
 }

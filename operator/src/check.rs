@@ -22,15 +22,21 @@ pub fn check_paths(paths: &[PathBuf]) -> Report {
     }
     for file in files {
         report.files += 1;
-        let shown = file.display();
-        match std::fs::read_to_string(&file) {
+        // `-` is standard input: `helm template … | apipolicy-operator check -`.
+        let (shown, text) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            ("-".to_owned(), std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text))
+        } else {
+            (file.display().to_string(), std::fs::read_to_string(&file))
+        };
+        match text {
             Err(e) => {
                 report.problems += 1;
                 report.lines.push(format!("{shown}: cannot be read: {e}"));
             }
             Ok(text) => {
                 let checked = check_manifest(&text);
-                report.policies += checked.policies.len();
+                report.policies += checked.documents;
                 report.problems += checked.problems.len();
                 for p in checked.problems {
                     report.lines.push(format!("{shown}: {}: {}: {}", p.document, p.path, p.message));
@@ -42,7 +48,9 @@ pub fn check_paths(paths: &[PathBuf]) -> Report {
 }
 
 fn collect(path: &Path, files: &mut Vec<PathBuf>, report: &mut Report) {
-    if path.is_dir() {
+    if path.as_os_str() == "-" {
+        files.push(path.to_owned());
+    } else if path.is_dir() {
         let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
             Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
             Err(e) => {

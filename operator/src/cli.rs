@@ -8,7 +8,12 @@ use kube::CustomResourceExt;
 use crate::args::RunArgs;
 
 #[derive(Parser, Debug)]
-#[command(name = "apipolicy-operator", version, about = "Runs and checks ApiPolicy resources")]
+#[command(
+    name = "apipolicy-operator",
+    version,
+    about = "Runs and checks ApiPolicy resources",
+    after_help = "Examples:\n  apipolicy-operator check examples/\n  helm template charts/apipolicy | apipolicy-operator check -\n  apipolicy-operator crd > crds/apipolicy.dev_apipolicies.yaml\n  KUBECONFIG=~/.kube/config apipolicy-operator run --insecure-agent-api   # out of cluster, local development"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,8 +26,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the ApiPolicy CustomResourceDefinition as YAML.
     Crd,
-    /// Check ApiPolicy manifests offline; directories are searched for *.yaml and *.yml.
-    /// Prints every problem as `FILE: DOCUMENT: FIELD PATH: message`; exits 1 when any.
+    /// Check ApiPolicy manifests offline; directories are searched for *.yaml and *.yml, and
+    /// `-` reads standard input. Prints every problem, one a line, as
+    /// `FILE: DOCUMENT: FIELD PATH: message`; exits 1 when any.
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,

@@ -172,6 +172,47 @@ fn check_prints_every_problem_with_file_document_and_path() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `check` as a newcomer meets it: type errors and rule problems in the same run, documents
+/// counted whether valid or not, a misspelt kind named, `-` for standard input, one problem a
+/// line (a bad regex says why without the compiled pattern), a duration's units spelled out.
+#[test]
+fn check_reports_type_and_rule_problems_in_one_run_and_reads_stdin() {
+    let quickstart = std::fs::read_to_string(format!("{ROOT}/examples/quickstart.yaml")).unwrap();
+    let typed = quickstart
+        .replace("name: products", "name: typed")
+        .replace("timeout: 15s", "timeout: 5 minutes")
+        .replace("prefix: /api/products", "regex: \"/api/([\"");
+    let misspelt =
+        quickstart.replace("kind: ApiPolicy", "kind: APIPolicy").replace("name: products", "name: misspelt");
+    let input = format!("{quickstart}---\n{typed}---\n{misspelt}");
+    let mut child = Command::new(BIN)
+        .args(["check", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let find = |path: &str| {
+        stdout.lines().find(|l| l.contains(path)).unwrap_or_else(|| panic!("no {path}: {stdout}"))
+    };
+    // The type errors…
+    assert!(find("-: typed: spec.upstream.timeout:").contains("without a space"), "{stdout}");
+    // …and, in the same run, the rule checks of what is left.
+    let regex = find("-: typed: spec.routes[0].match.path.regex:");
+    assert!(regex.contains("not a valid regular expression") && !regex.contains("^(?:"), "{regex}");
+    assert!(find("-: misspelt: kind:").contains("use ApiPolicy"), "{stdout}");
+    for line in stdout.lines() {
+        assert!(line.starts_with("-: "), "one problem a line: {line:?}");
+    }
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("checked 3 ApiPolicy document(s) in 1 file(s)"), "{stderr}");
+}
+
 /// The injection webhook over real HTTPS, fed AdmissionReview JSON as the API server sends it.
 mod webhook_over_https {
     use std::{sync::Arc, time::Duration};

@@ -16,7 +16,8 @@ use crate::{
     version,
     about = "Enforces an ApiPolicy in front of one app: a reverse proxy with the policy's timeouts, limits and metrics",
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  apipolicy-sidecar demo\n  apipolicy-sidecar --policy examples/quickstart.yaml --upstream http://127.0.0.1:8080\n  APIPOLICY_POLICY=/etc/apipolicy/config.json apipolicy-sidecar   # as injected into a pod"
 )]
 pub struct Cli {
     #[command(subcommand)]

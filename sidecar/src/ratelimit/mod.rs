@@ -86,9 +86,16 @@ impl RouteLimiter {
             .iter()
             .zip(&limits)
             .map(|(p, l)| {
-                let window_s = l.per_ms.div_ceil(1000).max(1);
-                let policy = format!("\"{route}\";q={};w={window_s}", l.requests);
-                let limit = if sliding { p.requests } else { p.capacity };
+                // One quota for both header families, the one this pod enforces: a sliding window
+                // allows `requests` per `per`; a bucket holds `capacity` (the burst) and refills
+                // whole in capacity × interval. So r ≤ q = X-RateLimit-Limit, and t ≤ w.
+                let (limit, window_ns) = if sliding {
+                    (p.requests, l.per_ms * 1_000_000)
+                } else {
+                    (p.capacity, p.capacity * p.interval_ns)
+                };
+                let window_s = window_ns.div_ceil(1_000_000_000).max(1);
+                let policy = format!("\"{route}\";q={limit};w={window_s}");
                 (
                     HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("\"default\"")),
                     HeaderValue::from(limit),

@@ -65,9 +65,12 @@ async fn a_burst_of_burst_plus_k_gets_exactly_k_429s_with_every_algorithm() {
             results.iter().map(|(_, h)| h["x-ratelimit-remaining"].to_str().unwrap()).collect();
         assert_eq!(remaining, ["4", "3", "2", "1", "0", "0", "0", "0"], "{algorithm}");
         let (_, first) = &results[0];
+        // One quota in both families: q = X-RateLimit-Limit = the most a client may send at
+        // once; w = the time the whole quota takes to come back (a bucket of 5 at one a minute:
+        // 5 minutes).
         assert_eq!(first["x-ratelimit-limit"], "5");
-        let q = if algorithm == "SlidingWindow" { 5 } else { 1 };
-        assert_eq!(first["ratelimit-policy"], format!("\"login\";q={q};w=60").as_str());
+        let w = if algorithm == "SlidingWindow" { 60 } else { 300 };
+        assert_eq!(first["ratelimit-policy"], format!("\"login\";q=5;w={w}").as_str());
         assert!(
             first["ratelimit"].to_str().unwrap().starts_with("\"login\";r=4;t="),
             "{:?}",
@@ -83,6 +86,12 @@ async fn a_burst_of_burst_plus_k_gets_exactly_k_429s_with_every_algorithm() {
         if algorithm != "SlidingWindow" {
             assert_eq!(retry, 60, "one request a minute: the next comes a minute after the burst");
         }
+        // Retry-After: when one more request is allowed; t: when the whole quota is back.
+        let t: u64 = refused["ratelimit"].to_str().unwrap().rsplit(";t=").next().unwrap().parse().unwrap();
+        let reset: u64 = refused["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(retry <= t && t <= 2 * w, "{algorithm}: Retry-After {retry}, t={t}, w={w}");
+        assert!(reset.abs_diff(now + t) <= 1, "{algorithm}: X-RateLimit-Reset is now + t");
     }
 }
 
