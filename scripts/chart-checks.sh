@@ -4,7 +4,7 @@
 # ports, the values schema refuses bad values, and every rendered document is parsed and
 # checked: each has apiVersion, kind and metadata.name; RBAC grants exactly the API calls the
 # operator's code makes (the RBAC table below, each row with the code that makes the call);
-# every APIPOLICY_* variable is a flag of operator/src/cli.rs, parses as clap parses it and
+# every APIPOLICY_* variable is a flag of operator/src/args.rs, parses as clap parses it and
 # agrees with the rest of the chart; names and the webhook path are the operator's constants
 # (read from operator/src); Services, probes, monitors and the webhook point at ports and names
 # that exist; the dashboards and the PrometheusRule are the files that the observability checks
@@ -170,10 +170,10 @@ def const(path, name):
 
 # Every flag of `apipolicy-operator run` with its environment variable and default.
 CLI = {}
-for m in re.finditer(r'#\[arg\(long, env = "(APIPOLICY_[A-Z_]+)"([^\]]*)\]', source("cli.rs")):
+for m in re.finditer(r'#\[arg\(long, env = "(APIPOLICY_[A-Z_]+)"([^\]]*)\]', source("args.rs")):
     d = (re.search(r'default_value = "([^"]*)"', m.group(2)) or re.search(r"default_value(?:_t)? = ([^,)]+)", m.group(2)))
     CLI[m.group(1)] = d.group(1) if d else None
-check(len(CLI) >= 20, f"operator/src/cli.rs: found only {len(CLI)} APIPOLICY_* flags")
+check(len(CLI) >= 20, f"operator/src/args.rs: found only {len(CLI)} APIPOLICY_* flags")
 FAILURE_POLICIES = set(re.findall(r'#\[value\(name = "(\w+)"\)\]', source("webhook.rs")))
 check(FAILURE_POLICIES == {"Ignore", "Fail"}, f"webhook.rs FailurePolicy values {FAILURE_POLICIES}")
 WEBHOOK_PATH = const("webhook.rs", "PATH")                      # "/mutate"
@@ -183,13 +183,13 @@ TLS_SECRET = const("certs.rs", "SECRET")                         # "apipolicy-op
 LEASE = const("leader.rs", "LEASE")                              # "apipolicy-operator"
 SERVICE_NAME = CLI.get("APIPOLICY_SERVICE_NAME")                 # "apipolicy-operator"
 check(CLI.get("APIPOLICY_WEBHOOK_CONFIGURATION") == "webhook::CONFIGURATION",
-      f"cli.rs: APIPOLICY_WEBHOOK_CONFIGURATION default {CLI.get('APIPOLICY_WEBHOOK_CONFIGURATION')}")
+      f"args.rs: APIPOLICY_WEBHOOK_CONFIGURATION default {CLI.get('APIPOLICY_WEBHOOK_CONFIGURATION')}")
 check(const("render.rs", "MANAGED_BY_SELECTOR") == "app.kubernetes.io/managed-by=apipolicy-operator",
       "render.rs: MANAGED_BY_SELECTOR changed")
 
 
 def quantity(text):
-    """inject::quantity_value as cli.rs's `quantity` uses it: empty (none) or a Kubernetes quantity."""
+    """inject::quantity_value as args.rs's `quantity` uses it: empty (none) or a Kubernetes quantity."""
     t = text.strip()
     if t == "":
         return True
@@ -208,7 +208,7 @@ for good in ("", "50m", "1", "0.5", "32Mi", "1e3", "1e+06"):
 for bad in ("lots", "1.2.3", "m", "5x"):
     check(not quantity(bad), f"quantity({bad!r}) accepted")
 
-# How each APIPOLICY_* value must look, as clap parses it (operator/src/cli.rs).
+# How each APIPOLICY_* value must look, as clap parses it (operator/src/args.rs).
 PARSE = {
     "APIPOLICY_FAILURE_POLICY": lambda v: v in FAILURE_POLICIES,
     "APIPOLICY_MANAGE_WEBHOOK": lambda v: v in ("true", "false"),
@@ -325,7 +325,7 @@ RENDERS["oldest-kube"] = RENDERS["default"]
 for n in ("APIPOLICY_SIDECAR_CPU_REQUEST", "APIPOLICY_SIDECAR_MEMORY_REQUEST", "APIPOLICY_SIDECAR_CPU_LIMIT",
           "APIPOLICY_SIDECAR_MEMORY_LIMIT"):
     check(RENDERS["default"]["env"][n] == CLI.get(n), f"values.yaml default {n}={RENDERS['default']['env'][n]!r}, "
-          f"cli.rs {CLI.get(n)!r}")
+          f"args.rs {CLI.get(n)!r}")
 
 
 def load(name):
@@ -415,7 +415,7 @@ def check_common(name, docs, r):
           and svc_ports.get("https-agent", {}).get("targetPort") == "agent",
           f"{name}: the Service's https ports do not lead to the webhook and the agent API")
 
-    # The environment: every APIPOLICY_* variable is a flag of `run` (cli.rs), parses as clap
+    # The environment: every APIPOLICY_* variable is a flag of `run` (args.rs), parses as clap
     # parses it, and says what the rest of the chart does. Exactly these, no others.
     env = {e["name"]: e for e in c.get("env", [])}
     val = lambda n: env.get(n, {}).get("value")
@@ -428,13 +428,22 @@ def check_common(name, docs, r):
         "APIPOLICY_AGENT_URL": f"https://{svc_name}.{ns}.svc:{svc_ports.get('https-agent', {}).get('port')}",
         "APIPOLICY_WEBHOOK_CONFIGURATION": WEBHOOK_CONFIGURATION,
         "APIPOLICY_MANAGE_WEBHOOK": "false" if cert_manager else "true",
+        # While it leads, the other replicas forward SLO reports to this pod's agent port
+        # (POD_IP below, expanded by the kubelet).
+        "APIPOLICY_ADVERTISE_URL": f"https://$(POD_IP):{ports.get('agent')}",
     })
     if cert_manager:
         want.update({"APIPOLICY_TLS_CERT": "/etc/apipolicy/tls/tls.crt", "APIPOLICY_TLS_KEY": "/etc/apipolicy/tls/tls.key",
                      "APIPOLICY_TLS_CA": "/etc/apipolicy/tls/ca.crt"})
     if name != "custom-ports":
         check(svc_name == SERVICE_NAME, f"{name}: Service {svc_name}, the operator's default {SERVICE_NAME}")
-    downward = {"APIPOLICY_NAMESPACE": "metadata.namespace", "APIPOLICY_IDENTITY": "metadata.name"}
+    downward = {"APIPOLICY_NAMESPACE": "metadata.namespace", "APIPOLICY_IDENTITY": "metadata.name",
+                "POD_IP": "status.podIP"}
+    # $(POD_IP) expands only from a variable defined before the one that uses it.
+    names = [e["name"] for e in c.get("env", [])]
+    check("POD_IP" in names and "APIPOLICY_ADVERTISE_URL" in names
+          and names.index("POD_IP") < names.index("APIPOLICY_ADVERTISE_URL"),
+          f"{name}: POD_IP must come before APIPOLICY_ADVERTISE_URL")
     for n, path in downward.items():
         check(env.get(n, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == path, f"{name}: env {n} not from {path}")
     check(set(env) == set(want) | set(downward),
@@ -444,9 +453,9 @@ def check_common(name, docs, r):
         check(val(n) == v, f"{name}: env {n}={val(n)!r}, want {v!r}")
     for n in env:
         if n.startswith("APIPOLICY_") and n not in r["extra_env"]:
-            check(n in CLI, f"{name}: env {n} is not a flag of `apipolicy-operator run` (operator/src/cli.rs)")
+            check(n in CLI, f"{name}: env {n} is not a flag of `apipolicy-operator run` (operator/src/args.rs)")
             if n in PARSE and val(n) is not None:
-                check(PARSE[n](val(n)), f"{name}: env {n}={val(n)!r} does not parse as cli.rs expects")
+                check(PARSE[n](val(n)), f"{name}: env {n}={val(n)!r} does not parse as args.rs expects")
     # With its own certificate the operator writes the webhook configuration, which needs the CA;
     # with cert-manager's it must be given the CA (run.rs: --manage-webhook without a known CA
     # is refused) and leave the chart's configuration alone.
@@ -594,7 +603,7 @@ for f in sorted(os.listdir(os.path.join(chart, "dashboards"))):
 values = yaml.safe_load(open(os.path.join(chart, "values.yaml")))
 check(values["webhook"]["path"] == WEBHOOK_PATH, f"values.yaml webhook.path {values['webhook']['path']!r}, webhook::PATH {WEBHOOK_PATH!r}")
 check(values["webhook"]["failurePolicy"] == CLI.get("APIPOLICY_FAILURE_POLICY", "").rsplit("::", 1)[-1],
-      f"values.yaml webhook.failurePolicy {values['webhook']['failurePolicy']!r}, cli.rs default {CLI.get('APIPOLICY_FAILURE_POLICY')}")
+      f"values.yaml webhook.failurePolicy {values['webhook']['failurePolicy']!r}, args.rs default {CLI.get('APIPOLICY_FAILURE_POLICY')}")
 check(values["service"]["webhookPort"] == int(CLI.get("APIPOLICY_WEBHOOK_SERVICE_PORT") or 0),
       "values.yaml service.webhookPort is not the operator's default --webhook-service-port")
 for key, flag in (("webhook", "APIPOLICY_WEBHOOK_ADDR"), ("agent", "APIPOLICY_AGENT_ADDR"), ("metrics", "APIPOLICY_METRICS_ADDR")):
