@@ -187,18 +187,17 @@ impl Election {
                     "leader election: the API server did not answer; retrying"
                 ),
             }
+            // Until the next try, or until the leadership runs out, whichever comes first (both
+            // past: the leadership ends first).
             let leads_until = self.tx.borrow().leads_until;
             let next = started + self.timing.retry;
             tokio::select! {
                 biased;
                 () = &mut stop => break,
-                () = tokio::time::sleep_until(leads_until.unwrap_or(next)), if leads_until.is_some_and(|u| u < next) => {
+                () = tokio::time::sleep_until(leads_until.unwrap_or(next)), if leads_until.is_some() => {
                     self.step_down();
                 }
                 () = tokio::time::sleep_until(next) => {}
-            }
-            if leads_until.is_some_and(|u| Instant::now() >= u) && self.tx.borrow().leads_until.is_some() {
-                self.step_down();
             }
         }
         self.release().await;

@@ -90,9 +90,9 @@ impl RouteLimiter {
                 // allows `requests` per `per`; a bucket holds `capacity` (the burst) and refills
                 // whole in capacity × interval. So r ≤ q = X-RateLimit-Limit, and t ≤ w.
                 let (limit, window_ns) = if sliding {
-                    (p.requests, l.per_ms * 1_000_000)
+                    (p.requests, l.per_ms.saturating_mul(1_000_000))
                 } else {
-                    (p.capacity, p.capacity * p.interval_ns)
+                    (p.capacity, p.capacity.saturating_mul(p.interval_ns))
                 };
                 let window_s = window_ns.div_ceil(1_000_000_000).max(1);
                 let policy = format!("\"{route}\";q={limit};w={window_s}");
