@@ -1,6 +1,6 @@
 //! Request headers as the route matcher and the cache's hit path read them: from hyper's
 //! `HeaderMap`, or straight from the parsed bytes of an HTTP/1 request head (the cache-hit
-//! lane), so that a hit needs no map built.
+//! fast path), so that a hit needs no map built.
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -14,6 +14,10 @@ pub trait RequestHeaders {
     fn any_is(&self, name: &HeaderName, value: &[u8]) -> bool;
     /// Every value of `name`, in order.
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]>;
+    /// The names present (in any case; a name sent twice may come twice).
+    fn names(&self) -> impl Iterator<Item = &[u8]>;
+    /// The first value of `name` as a value of its own (a map's is shared, not copied).
+    fn owned(&self, name: &HeaderName) -> Option<HeaderValue>;
 }
 
 /// Whether a value is text as `HeaderValue::to_str` judges it: visible ASCII, space or tab.
@@ -55,6 +59,14 @@ impl RequestHeaders for HeaderMap {
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
         self.get_all(name).into_iter().map(|v| v.as_bytes())
     }
+
+    fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.keys().map(|n| n.as_str().as_bytes())
+    }
+
+    fn owned(&self, name: &HeaderName) -> Option<HeaderValue> {
+        self.get(name).cloned()
+    }
 }
 
 /// The headers of a request head as `httparse` found them: names in any case, values as sent
@@ -84,6 +96,14 @@ impl RequestHeaders for Raw<'_> {
     fn all<'s>(&'s self, name: &'s HeaderName) -> impl DoubleEndedIterator<Item = &'s [u8]> {
         let name = name.as_str().as_bytes();
         self.0.iter().filter(move |h| is(h.name, name)).map(|h| h.value)
+    }
+
+    fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.iter().map(|h| h.name.as_bytes())
+    }
+
+    fn owned(&self, name: &HeaderName) -> Option<HeaderValue> {
+        self.first(name).and_then(crate::values::cut)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The request path: the request id and forwarding headers, path normalization and the route
 //! match, then the layers of [`stack`] in request order, and the accounting (metrics, SLO
-//! counters, the access log) when the response body ends. The cache-hit lane
-//! ([`Proxy::lane_hit`]) answers plain hits on HTTP/1.1 before hyper parses them.
+//! counters, the access log) when the response body ends. The cache-hit fast path
+//! ([`Proxy::fast_hit`]) answers plain hits on HTTP/1.1 before hyper parses them.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -114,9 +114,9 @@ fn normalize_target<B>(router: &crate::routes::Router, req: &mut Request<B>) -> 
     Ok(())
 }
 
-/// A request head as the cache-hit lane ([`crate::lane`]) parsed it: an HTTP/1.1 GET or HEAD in
+/// A request head as the cache-hit fast path ([`crate::fast_path`]) parsed it: an HTTP/1.1 GET or HEAD in
 /// origin form, without a body.
-pub struct LaneRequest<'a> {
+pub struct HitRequest<'a> {
     pub peer: SocketAddr,
     pub method: &'a Method,
     /// The request target: `path[?query]`.
@@ -124,11 +124,11 @@ pub struct LaneRequest<'a> {
     pub headers: Raw<'a>,
 }
 
-/// What the lane writes, and what it records once written: a hit (with the route's limit
+/// What the fast path writes, and what it records once written: a hit (with the route's limit
 /// headers), or the limit's refusal.
-pub enum LaneAnswer {
+pub enum HitAnswer {
     Hit {
-        hit: crate::cache::flow::LaneHit,
+        hit: crate::cache::flow::Hit,
         id: HeaderValue,
         // Boxed, as the refusal: a plain hit's answer stays small (it is moved a few times).
         limit: Option<Box<crate::ratelimit::applied::Applied>>,
@@ -141,13 +141,13 @@ pub enum LaneAnswer {
 }
 
 impl Proxy {
-    /// Answers a plain hit for the lane, doing what [`Proxy::handle`] does for it (request
+    /// Answers a plain hit for the fast path, doing what [`Proxy::handle`] does for it (request
     /// id, route, a limit kept in this pod, cache hit, metrics, SLOs and access log through
     /// [`Finish`]); `None` when the request needs more than that (a miss, a `Global` limit, a
-    /// conditional, a `Cache-Control` of the client's…): the lane hands it to hyper and
+    /// conditional, a `Cache-Control` of the client's…): the fast path hands it to hyper and
     /// [`Proxy::handle`]. The limit is asked only once the hit is certain, so that a request
     /// handed over is never counted twice.
-    pub fn lane_hit(&self, req: &LaneRequest<'_>) -> Option<LaneAnswer> {
+    pub fn fast_hit(&self, req: &HitRequest<'_>) -> Option<HitAnswer> {
         let start = Instant::now();
         let active = self.active.load_full();
         let (path, query) = match req.target.split_once('?') {
@@ -167,14 +167,14 @@ impl Proxy {
         if route.cache.is_none() || route.limiter.as_ref().is_some_and(|l| l.is_global()) {
             return None;
         }
-        let asks = crate::cache::Asks::of_raw(req.headers.0);
+        let asks = crate::cache::Asks::of(&req.headers);
         if !asks.plain() {
             return None;
         }
         // As `flow::host` reads it: a Host that is not visible ASCII counts as none.
         let host =
             req.headers.first(&header::HOST).filter(|h| crate::headers::is_text(h)).unwrap_or_default();
-        let hit = crate::cache::flow::lane_hit(&active, route, &req.headers, asks, (host, path, query))?;
+        let hit = crate::cache::flow::fast_hit(&active, route, &req.headers, asks, (host, path, query))?;
         if route.limiter.is_some() && hit.head.limit_headers {
             return None;
         }
@@ -183,7 +183,7 @@ impl Proxy {
             None => None,
             Some(l) => Some(l.check_local(&req.headers, req.peer, &active.trusted)?),
         };
-        let id = self.ids.for_raw(req.headers.first(&X_REQUEST_ID));
+        let id = self.ids.for_request(&req.headers);
         active.in_flight.inc();
         let mut finish = Finish::request(active.clone(), req.method, index, &id, start, || {
             PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
@@ -203,10 +203,10 @@ impl Proxy {
                 }
                 response.headers_mut().insert(X_REQUEST_ID.clone(), id);
                 finish.status = response.status().as_u16();
-                return Some(LaneAnswer::Refused { response: Box::new(response), finish });
+                return Some(HitAnswer::Refused { response: Box::new(response), finish });
             }
         };
         route.cache_lookups.hit.inc();
-        Some(LaneAnswer::Hit { hit, id, limit, finish })
+        Some(HitAnswer::Hit { hit, id, limit, finish })
     }
 }

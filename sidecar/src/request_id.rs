@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 
-use crate::headers::X_REQUEST_ID;
+use crate::headers::{RequestHeaders, X_REQUEST_ID};
 
 /// Request ids: the client's `X-Request-Id` when it is sane, else a new one made of a random
 /// per-process prefix and a counter (unique without coordination, cheap to make).
@@ -25,19 +25,9 @@ impl RequestIds {
         Self { prefix: fastrand::u64(..), next: AtomicU64::new(fastrand::u64(..)) }
     }
 
-    pub fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
-        if let Some(v) = headers.get(&X_REQUEST_ID)
-            && sane_id(v.as_bytes())
-        {
-            return v.clone();
-        }
-        self.make()
-    }
-
-    /// The same from the client's value as sent.
-    pub fn for_raw(&self, value: Option<&[u8]>) -> HeaderValue {
-        match value.filter(|v| sane_id(v)).and_then(crate::values::cut) {
-            Some(v) => v,
+    pub fn for_request(&self, headers: &impl RequestHeaders) -> HeaderValue {
+        match headers.first(&X_REQUEST_ID).filter(|v| sane_id(v)) {
+            Some(_) => headers.owned(&X_REQUEST_ID).unwrap_or_else(|| self.make()),
             None => self.make(),
         }
     }
@@ -64,7 +54,10 @@ fn hex16(n: u64, out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+
     use super::*;
+    use crate::headers::Raw;
 
     #[test]
     fn request_ids_are_kept_or_made() {
@@ -78,5 +71,10 @@ mod tests {
         assert_eq!(ids.for_request(&h), "abc-123");
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_ne!(ids.for_request(&h), "has space");
+        // The same judgement from a request head's bytes (the hit fast path's).
+        let raw = |value: &'static str| [httparse::Header { name: "X-Request-ID", value: value.as_bytes() }];
+        assert_eq!(ids.for_request(&Raw(&raw("abc-123"))), "abc-123");
+        assert_ne!(ids.for_request(&Raw(&raw("has space"))), "has space");
+        assert_eq!(ids.for_request(&Raw(&[])).len(), 32);
     }
 }

@@ -164,12 +164,12 @@ async fn run(
                 }
                 let _ = stream.set_nodelay(true);
                 open.inc();
-                // With a cache in the config, connections start in the cache-hit lane;
-                // without one, the lane would only hand every request over.
+                // With a cache in the config, connections start in the cache-hit fast path;
+                // without one, the fast path would only hand every request over.
                 if sidecar.options.hit_lane && sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
-                    let lane = crate::lane::serve(conns.clone(), stream, peer, graceful.watcher(), closing_rx.clone());
+                    let fast = crate::fast_path::serve(conns.clone(), stream, peer, graceful.watcher(), closing_rx.clone());
                     tokio::spawn(async move {
-                        lane.await;
+                        fast.await;
                         open.dec();
                     });
                 } else {
@@ -195,7 +195,7 @@ async fn run(
     drop(listener);
     let in_flight = graceful.count();
     tracing::info!(connections = in_flight, "listener closed; waiting for requests in flight");
-    // Idle lane connections close now; busy ones once their request is answered.
+    // Idle fast-path connections close now; busy ones once their request is answered.
     let _ = closing.send(true);
     if tokio::time::timeout(sidecar.options.shutdown_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(

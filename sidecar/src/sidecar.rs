@@ -52,7 +52,7 @@ pub struct Options {
     pub operator: Option<AgentOptions>,
     /// The most bytes the response cache holds.
     pub cache_bytes: u64,
-    /// Whether plain cache hits on HTTP/1.1 are answered by the lane ([`crate::lane`]).
+    /// Whether plain cache hits on HTTP/1.1 are answered by the fast path ([`crate::fast_path`]).
     pub hit_lane: bool,
     /// What `/config` and `POST /purge` require (see [`crate::admin`]).
     pub admin_token: Option<String>,
@@ -104,7 +104,7 @@ pub struct Conns {
     pub sidecar: Arc<Sidecar>,
     /// For whole connections: HTTP/1.1 or HTTP/2, with upgrades.
     pub auto: auto::Builder<TokioExecutor>,
-    /// For one request the cache-hit lane hands over ([`crate::lane`]); it gives the socket back.
+    /// For one request the cache-hit fast path hands over ([`crate::fast_path`]); it gives the socket back.
     pub one: hyper::server::conn::http1::Builder,
     pub header_read_timeout: Duration,
 }
@@ -180,7 +180,7 @@ pub struct Tuning {
     #[arg(long, env = "APIPOLICY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
     /// Answer plain cache hits on HTTP/1.1 connections from the parsed request bytes (the
-    /// cache-hit lane); `false` sends every request through hyper.
+    /// cache-hit fast path); `false` sends every request through hyper.
     #[arg(long, env = "APIPOLICY_HIT_LANE", default_value_t = true, action = clap::ArgAction::Set)]
     pub hit_lane: bool,
     /// The most the response cache holds (a Kubernetes quantity: 64Mi, 1Gi).

@@ -6,7 +6,7 @@ use std::{
     time::SystemTime,
 };
 
-use apipolicy_api::{CacheConfig, CacheMode};
+use apipolicy_api::{CacheConfig, CacheMode, Encoding};
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header, request::Parts,
@@ -96,8 +96,7 @@ pub async fn serve<U: ToApp>(
     let now = active.clock.now();
     let (headers, uri) = (req.headers(), req.uri());
     let host = crate::forwarded::cache_host(host(headers, uri), headers);
-    let hash = super::url_hash(host.as_bytes(), uri.path(), uri.query(), sorts(route));
-    if let Some(e) = active.store.fresh(hash, headers, asks, now) {
+    if let Some(e) = fresh(active, route, headers, asks, (host.as_bytes(), uri.path(), uri.query()), now) {
         route.cache_lookups.hit.inc();
         return Ok(respond(active, route, &e, now, None, headers, head).await);
     }
@@ -352,33 +351,22 @@ async fn respond(
     request: &HeaderMap,
     head: bool,
 ) -> Response<ProxyBody> {
-    let mut body = e.body.clone();
-    let mut encoding = None;
     let accept = request.get(header::ACCEPT_ENCODING).map(HeaderValue::as_bytes);
-    let (compressible, wanted) = compression_for(active, route, e, accept);
-    if let Some(enc) = wanted {
-        let packed = match e.encoded(enc) {
-            Some(b) => Some(b),
-            // Once per entry and encoding; boxed, so that the hit path's future stays small.
-            None => Box::pin(encode(enc, &e.body)).await.inspect(|b| {
-                e.keep_encoded(enc, b.clone());
+    let answer = match hit(active, route, e, now, accept) {
+        Ok(answer) => answer,
+        // Once per entry and encoding; boxed, so that the hit path's future stays small.
+        Err(enc) => match Box::pin(encode(enc, &e.body)).await {
+            Some(packed) => {
+                e.keep_encoded(enc, packed.clone());
                 route.compression_bytes.0.inc_by(e.body.len() as u64);
-                route.compression_bytes.1.inc_by(b.len() as u64);
+                route.compression_bytes.1.inc_by(packed.len() as u64);
                 active.store.reweigh(e.hash);
-            }),
-        };
-        if let Some(packed) = packed {
-            body = packed;
-            encoding = Some(enc);
-        }
-    }
-    let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
-    let mut headers = e
-        .head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
-            hit_headers(e, compressible.is_some(), encoding, body.len(), age, ttl)
-        })
-        .headers
-        .clone();
+                hit_in(e, true, Some(enc), packed, now)
+            }
+            None => hit_in(e, true, None, e.body.clone(), now),
+        },
+    };
+    let mut headers = answer.head.headers.clone();
     if let Some(kind) = kind {
         headers.insert(CACHE_STATUS.clone(), cache_status(kind));
     }
@@ -391,7 +379,7 @@ async fn respond(
         }
         return resp;
     }
-    let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(body) });
+    let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(answer.body) });
     *resp.status_mut() = e.status;
     *resp.headers_mut() = headers;
     resp
@@ -404,7 +392,7 @@ fn compression_for<'r>(
     route: &'r RouteRuntime,
     e: &Entry,
     accept: Option<&[u8]>,
-) -> (Option<&'r apipolicy_api::CompressionConfig>, Option<apipolicy_api::Encoding>) {
+) -> (Option<&'r apipolicy_api::CompressionConfig>, Option<Encoding>) {
     let compressible = route.compression.as_ref().filter(|config| {
         e.compressible_on(active.generation, route.index, || {
             compress::compressible(e.status, &e.headers, config)
@@ -420,7 +408,7 @@ fn compression_for<'r>(
 fn hit_headers(
     e: &Entry,
     compressible: bool,
-    encoding: Option<apipolicy_api::Encoding>,
+    encoding: Option<Encoding>,
     length: usize,
     age: u64,
     ttl: u64,
@@ -449,51 +437,80 @@ fn hit_headers(
     h
 }
 
-/// A hit the cache-hit lane writes itself: the ready head and the body (the compressed form
-/// the client accepts, when the route compresses).
-pub struct LaneHit {
+/// A hit's answer: the entry's ready head for this Age, TTL and encoding, and the body in
+/// that encoding.
+pub struct Hit {
     pub status: StatusCode,
     pub head: Arc<super::HitHead>,
     pub body: Bytes,
 }
 
-/// The lane's hit (the caller counts it): a plain GET or HEAD (no `Cache-Control`, `Pragma`,
-/// `Authorization`, `Range` or conditional header of the client's) for a fresh entry, the
-/// same answer the full path gives such a request ([`serve`], then [`respond`] with no `kind`). `None` for anything
-/// else, and for a compressed form not made yet: the full path answers those.
-pub fn lane_hit(
+/// The fresh entry a plain request (see [`Asks::plain`]) for this URL (host, path, query) gets,
+/// judged the same for hyper's requests and for the fast path's parsed heads.
+fn fresh(
+    active: &Active,
+    route: &RouteRuntime,
+    headers: &impl RequestHeaders,
+    asks: Asks,
+    url: (&[u8], &str, Option<&str>),
+    now: SystemTime,
+) -> Option<Arc<Entry>> {
+    let hash = super::url_hash(url.0, url.1, url.2, sorts(route));
+    active.store.fresh(hash, headers, asks, now)
+}
+
+/// The answer from entry `e` for a client that accepts `accept`; `Err` with the encoding the
+/// client should get when the entry has no such form yet (making it is the caller's choice).
+fn hit(
+    active: &Active,
+    route: &RouteRuntime,
+    e: &Entry,
+    now: SystemTime,
+    accept: Option<&[u8]>,
+) -> Result<Hit, Encoding> {
+    let (compressible, wanted) = compression_for(active, route, e, accept);
+    let (body, encoding) = match wanted {
+        Some(enc) => (e.encoded(enc).ok_or(enc)?, Some(enc)),
+        None => (e.body.clone(), None),
+    };
+    Ok(hit_in(e, compressible.is_some(), encoding, body, now))
+}
+
+/// The answer from entry `e` with this body, in `encoding`.
+fn hit_in(e: &Entry, compressible: bool, encoding: Option<Encoding>, body: Bytes, now: SystemTime) -> Hit {
+    let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
+    let head = e.head(super::encoding_slot(encoding), age, ttl, compressible, || {
+        hit_headers(e, compressible, encoding, body.len(), age, ttl)
+    });
+    Hit { status: e.status, head, body }
+}
+
+/// The fast path's hit (the caller counts it): a plain GET or HEAD (no `Cache-Control`,
+/// `Pragma`, `Authorization`, `Range` or conditional header of the client's) for a fresh
+/// entry, the same answer the full path gives such a request ([`serve`] then [`respond`],
+/// through the same [`fresh`] and [`hit`]). `None` for anything else, and for a compressed
+/// form not made yet: the full path answers those.
+pub fn fast_hit(
     active: &Active,
     route: &RouteRuntime,
     headers: &Raw<'_>,
     asks: Asks,
     url: (&[u8], &str, Option<&str>),
-) -> Option<LaneHit> {
+) -> Option<Hit> {
     if asks.range || asks.conditional {
         return None;
     }
     let now = active.clock.now();
-    let hash = super::url_hash(url.0, url.1, url.2, sorts(route));
-    let e = active.store.fresh(hash, headers, asks, now)?;
+    let e = fresh(active, route, headers, asks, url, now)?;
     // Statuses whose framing hyper rewrites (no body, no Content-Length) take the full path.
     if e.status == StatusCode::NO_CONTENT || e.status == StatusCode::NOT_MODIFIED {
         return None;
     }
-    let mut body = e.body.clone();
-    let mut encoding = None;
-    let (compressible, wanted) = compression_for(active, route, &e, headers.first(&header::ACCEPT_ENCODING));
-    if let Some(enc) = wanted {
-        body = e.encoded(enc)?;
-        encoding = Some(enc);
-    }
-    let (age, ttl) = (e.age(now).as_secs(), e.ttl(now).as_secs());
-    let head = e.head(super::encoding_slot(encoding), age, ttl, compressible.is_some(), || {
-        hit_headers(&e, compressible.is_some(), encoding, body.len(), age, ttl)
-    });
-    Some(LaneHit { status: e.status, head, body })
+    hit(active, route, &e, now, headers.first(&header::ACCEPT_ENCODING)).ok()
 }
 
 /// Compresses a stored body; big ones on the blocking pool, off the request threads.
-async fn encode(enc: apipolicy_api::Encoding, body: &Bytes) -> Option<Bytes> {
+async fn encode(enc: Encoding, body: &Bytes) -> Option<Bytes> {
     let packed = if body.len() > 64 * 1024 {
         let body = body.clone();
         tokio::task::spawn_blocking(move || futures::executor::block_on(compress::compress_bytes(enc, &body)))

@@ -196,13 +196,13 @@ pub struct HitHead {
     /// Whether the route compresses this entry's type (it adds `Vary: Accept-Encoding`).
     pub compressible: bool,
     pub headers: HeaderMap,
-    /// The same head as HTTP/1.1 bytes, for the cache-hit lane ([`crate::lane`]): the status
+    /// The same head as HTTP/1.1 bytes, for the cache-hit fast path ([`crate::fast_path`]): the status
     /// line and every header but `X-Request-Id`, each line ending in CRLF.
     pub wire: Bytes,
-    /// Whether the head has a `Date` (without one, the lane adds one, as hyper does).
+    /// Whether the head has a `Date` (without one, the fast path adds one, as hyper does).
     pub dated: bool,
     /// Whether the head has one of the headers a rate limit writes (the app's own): the full
-    /// path replaces them on a limited route, the lane leaves such hits to it.
+    /// path replaces them on a limited route, the fast path leaves such hits to it.
     pub limit_headers: bool,
 }
 
@@ -331,29 +331,10 @@ pub struct Asks {
 }
 
 impl Asks {
-    pub fn of(headers: &HeaderMap) -> Self {
+    /// From hyper's map or a request head's parsed bytes alike (names in any case).
+    pub fn of(headers: &impl RequestHeaders) -> Self {
         let mut a = Self::default();
-        for name in headers.keys() {
-            if name == header::CACHE_CONTROL {
-                a.cache_control = true;
-            } else if name == header::PRAGMA {
-                a.pragma = true;
-            } else if name == header::AUTHORIZATION {
-                a.authorization = true;
-            } else if name == header::RANGE {
-                a.range = true;
-            } else if is_conditional(name.as_str().as_bytes()) {
-                a.conditional = true;
-            }
-        }
-        a
-    }
-
-    /// The same, from a request head's parsed bytes (names in any case).
-    pub fn of_raw(headers: &[httparse::Header<'_>]) -> Self {
-        let mut a = Self::default();
-        for h in headers {
-            let name = h.name.as_bytes();
+        for name in headers.names() {
             if name.eq_ignore_ascii_case(b"cache-control") {
                 a.cache_control = true;
             } else if name.eq_ignore_ascii_case(b"pragma") {

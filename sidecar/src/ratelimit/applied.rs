@@ -39,7 +39,7 @@ impl Applied {
         }
     }
 
-    /// The headers as HTTP/1.1 lines, for the cache-hit lane.
+    /// The headers as HTTP/1.1 lines, for the cache-hit fast path.
     pub fn lines(&self, out: &mut Vec<u8>) {
         for (name, value) in &self.headers {
             crate::headers::header_line(out, name.as_str().as_bytes(), value.as_bytes());

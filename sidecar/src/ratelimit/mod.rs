@@ -14,7 +14,7 @@ use std::{
 };
 
 use apipolicy_api::{LimitMode, MissingKey, RateLimitConfig, Scope, StoreFailure};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use prometheus::IntCounter;
 
 use crate::{
@@ -129,16 +129,14 @@ impl RouteLimiter {
     /// Decides one request. `Ok(None)`: the limit does not show (shadow mode).
     pub async fn check(
         &self,
-        headers: &HeaderMap,
+        headers: &impl RequestHeaders,
         peer: SocketAddr,
         trusted: &TrustedProxies,
     ) -> Result<Option<Applied>, ProxyError> {
-        let (which, material) = self.key(headers, peer, trusted)?;
         let Some((store, scope)) = &self.global else {
-            let decision =
-                self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
-            return self.finish(decision, which);
+            return self.decide_here(headers, peer, trusted);
         };
+        let (which, material) = self.key(headers, peer, trusted)?;
         // Every pod must name a key alike: a fixed hash, not this process's random one.
         let key = format!("apipolicy:{{{scope}/{which}/{:016x}}}", GLOBAL_KEYS.hash_one(material));
         // Boxed: the Redis call's future is large, and a local limit's request should not carry
@@ -153,14 +151,7 @@ impl RouteLimiter {
                         Ok(None)
                     }
                     StoreFailure::FailClosed => Err(ProxyError::LimitStoreUnavailable(e.to_string())),
-                    StoreFailure::LocalFallback => {
-                        let decision = self.stores[which].decide(
-                            SEED.hash_one(material),
-                            &self.params[which],
-                            self.clock.now_ns(),
-                        );
-                        self.finish(decision, which)
-                    }
+                    StoreFailure::LocalFallback => self.decide_here(headers, peer, trusted),
                 }
             }
         }
@@ -174,14 +165,20 @@ impl RouteLimiter {
         peer: SocketAddr,
         trusted: &TrustedProxies,
     ) -> Option<Result<Option<Applied>, ProxyError>> {
-        if self.global.is_some() {
-            return None;
-        }
-        Some(self.key(headers, peer, trusted).and_then(|(which, material)| {
-            let decision =
-                self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
-            self.finish(decision, which)
-        }))
+        self.global.is_none().then(|| self.decide_here(headers, peer, trusted))
+    }
+
+    /// The decision of this pod's own store: a local limit's, or a `Global` one's fallback.
+    fn decide_here(
+        &self,
+        headers: &impl RequestHeaders,
+        peer: SocketAddr,
+        trusted: &TrustedProxies,
+    ) -> Result<Option<Applied>, ProxyError> {
+        let (which, material) = self.key(headers, peer, trusted)?;
+        let decision =
+            self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
+        self.finish(decision, which)
     }
 
     /// Which limit applies (0, or an override's) and the key material to hash; a missing key
@@ -288,6 +285,8 @@ impl RouteLimiter {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+
     use super::*;
 
     /// A sweep judges each key by its own limit: the busy key of an override with a shorter

@@ -1,10 +1,10 @@
-//! The cache-hit lane: HTTP/1.1 connections to a config with a cache are read here first, so
+//! The cache-hit fast path (`--hit-lane`): HTTP/1.1 connections to a config with a cache are read here first, so
 //! that a plain fresh hit is answered straight from the parsed request bytes and the entry's
 //! ready head, without hyper building a request and a response (about half the CPU of a hit).
 //!
-//! The lane answers one kind of request only: an HTTP/1.1 GET or HEAD in origin form, without
+//! The fast path answers one kind of request only: an HTTP/1.1 GET or HEAD in origin form, without
 //! a body or `Connection`/`Upgrade`/`Expect` header, whose route has a cache and no `Global`
-//! rate limit, and which [`crate::proxy::Proxy::lane_hit`] finds a plain fresh hit for (a
+//! rate limit, and which [`crate::proxy::Proxy::fast_hit`] finds a plain fresh hit for (a
 //! limit kept in the pod is applied there, its refusal written here). Anything
 //! else goes to hyper and [`crate::proxy::Proxy::handle`], which judge every case:
 //! - a request whose extent is known (no `Transfer-Encoding`, one plain `Content-Length` or
@@ -13,10 +13,10 @@
 //! - anything else (chunked bodies, upgrades, HTTP/1.0, HTTP/2's preface, a head httparse
 //!   refuses, too many headers…) hands the whole connection to hyper, with the bytes read so
 //!   far, for good; so does a connection whose hand-overs cost more than its hits save
-//!   ([`Worth`]).
+//!   ([`Payoff`]).
 //!
 //! Request heads are parsed by httparse with the configuration hyper uses for requests, so the
-//! lane reads a head exactly as hyper would; it never decides the framing of a body.
+//! fast path reads a head exactly as hyper would; it never decides the framing of a body.
 
 use std::{
     io::{self, IoSlice},
@@ -46,7 +46,7 @@ use tokio::{
 use crate::{
     body::ProxyBody,
     headers::{Raw, header_line, status_line},
-    proxy::{LaneAnswer, LaneRequest},
+    proxy::{HitAnswer, HitRequest},
     sidecar::Conns,
     values::Text,
 };
@@ -57,7 +57,7 @@ const MAX_HEADERS: usize = 64;
 const HEAD_LIMIT: usize = 64 * 1024;
 /// Bodies up to this size are copied behind the head: one write, one packet.
 const COPY_BODY: usize = 16 * 1024;
-/// Whether a connection is worth keeping in the lane. Measured (callgrind, release): a hit
+/// Whether a connection is worth keeping in the fast path. Measured (callgrind, release): a hit
 /// costs ~7k instructions here against ~18.6k through hyper (saves ~11.6k); a hand-over
 /// costs 7–9k more than the same request on a hyper connection (a new hyper connection: its
 /// buffers and header map, which a long-lived one reuses). So hits count +4, hand-overs −3
@@ -66,9 +66,9 @@ const COPY_BODY: usize = 16 * 1024;
 /// hand-overs. The credit is capped, so a connection whose traffic turns to misses leaves
 /// within about 16 requests.
 #[derive(Default)]
-struct Worth(i32);
+struct Payoff(i32);
 
-impl Worth {
+impl Payoff {
     const HIT: i32 = 4;
     const HANDOVER: i32 = 3;
     const CAP: i32 = 36;
@@ -78,7 +78,7 @@ impl Worth {
         self.0 = (self.0 + Self::HIT).min(Self::CAP);
     }
 
-    /// Counts a hand-over; `false` when the connection should leave the lane.
+    /// Counts a hand-over; `false` when the connection should leave the fast path.
     fn handover(&mut self) -> bool {
         self.0 -= Self::HANDOVER;
         self.0 >= Self::FLOOR
@@ -89,12 +89,12 @@ impl Worth {
 enum Step {
     /// No complete head yet.
     Read,
-    /// A hit the lane answers: the head's length and what to write.
-    Hit { head_len: usize, answer: Box<LaneAnswer>, head_only: bool },
+    /// A hit the fast path answers: the head's length and what to write.
+    Hit { head_len: usize, answer: Box<HitAnswer>, head_only: bool },
     /// A request hyper answers alone: its head's length and its body's.
-    Hand { head_len: usize, body_len: u64 },
+    HandOne { head_len: usize, body_len: u64 },
     /// The connection goes to hyper for good.
-    Leave,
+    HandOver,
 }
 
 /// Serves one accepted connection until it closes or leaves for hyper.
@@ -107,7 +107,7 @@ pub async fn serve(
 ) {
     let mut buf = Buffer::new();
     let mut out = Vec::with_capacity(1024);
-    let mut worth = Worth::default();
+    let mut worth = Payoff::default();
     let timeout = conns.header_read_timeout;
     // The wait for a head starts at `waiting_since`; the timer is armed once and moved on
     // only when it fires early, not for every request.
@@ -158,7 +158,7 @@ pub async fn serve(
                 let last = *closed_rx.borrow();
                 out.clear();
                 let (finish, body) = match *answer {
-                    LaneAnswer::Hit { hit, id, limit, finish } => {
+                    HitAnswer::Hit { hit, id, limit, finish } => {
                         out.extend_from_slice(&hit.head.wire);
                         if !hit.head.dated {
                             date_line(&mut out);
@@ -169,7 +169,7 @@ pub async fn serve(
                         header_line(&mut out, b"x-request-id", id.as_bytes());
                         (finish, hit.body)
                     }
-                    LaneAnswer::Refused { response, finish } => (finish, refusal(*response, &mut out)),
+                    HitAnswer::Refused { response, finish } => (finish, refusal(*response, &mut out)),
                 };
                 if last {
                     header_line(&mut out, b"connection", b"close");
@@ -188,7 +188,7 @@ pub async fn serve(
                 }
                 waiting_since = Instant::now();
             }
-            Step::Hand { head_len, body_len } => {
+            Step::HandOne { head_len, body_len } => {
                 if !worth.handover() {
                     return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await;
                 }
@@ -235,7 +235,7 @@ pub async fn serve(
                 }
                 waiting_since = Instant::now();
             }
-            Step::Leave => return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await,
+            Step::HandOver => return leave(&conns, stream, buf.data(), peer, watcher, &closed_rx).await,
         }
     }
 }
@@ -276,7 +276,7 @@ async fn leave(
 
 /// Runs a hyper connection to its end. Once the sidecar is closing, hyper is asked to shut
 /// down gracefully (it then answers with `Connection: close`), but only once it has the bytes
-/// the lane passed on (`taken`): asked before, it would drop that request unanswered. Returns
+/// the fast path passed on (`taken`): asked before, it would drop that request unanswered. Returns
 /// the end and whether hyper was asked.
 async fn run<C: GracefulConnection>(
     mut conn: Pin<&mut C>,
@@ -327,7 +327,7 @@ fn signalled_service(
 /// done with the body (it drops it after its last frame, or on an error).
 #[derive(Default)]
 struct Signal {
-    /// hyper has read the bytes the lane had (the request's head at least).
+    /// hyper has read the bytes the fast path had (the request's head at least).
     taken: AtomicBool,
     body_done: AtomicBool,
     reader: AtomicWaker,
@@ -377,47 +377,47 @@ fn step(conns: &Conns, data: &[u8], peer: SocketAddr) -> Step {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Step::Read,
         // hyper answers what httparse refuses (400, 431) and HTTP/2's preface.
-        Err(_) => return Step::Leave,
+        Err(_) => return Step::HandOver,
     };
     if req.version != Some(1) {
-        return Step::Leave;
+        return Step::HandOver;
     }
-    let (Some(method), Some(target)) = (req.method, req.path) else { return Step::Leave };
+    let (Some(method), Some(target)) = (req.method, req.path) else { return Step::HandOver };
     let mut content_length = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             if content_length.is_some() {
-                return Step::Leave;
+                return Step::HandOver;
             }
             match plain_length(h.value) {
                 Some(n) => content_length = Some(n),
-                None => return Step::Leave,
+                None => return Step::HandOver,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
             || (name.eq_ignore_ascii_case(b"connection") && !h.value.eq_ignore_ascii_case(b"keep-alive"))
         {
-            return Step::Leave;
+            return Step::HandOver;
         }
     }
     if method == "CONNECT" {
-        return Step::Leave;
+        return Step::HandOver;
     }
     let body_len = content_length.unwrap_or(0);
     let method = match method {
         "GET" => &Method::GET,
         "HEAD" => &Method::HEAD,
-        _ => return Step::Hand { head_len, body_len },
+        _ => return Step::HandOne { head_len, body_len },
     };
     if body_len > 0 || !plain_target(target) {
-        return Step::Hand { head_len, body_len };
+        return Step::HandOne { head_len, body_len };
     }
-    let request = LaneRequest { peer, method, target, headers: Raw(req.headers) };
-    match conns.sidecar.proxy.lane_hit(&request) {
+    let request = HitRequest { peer, method, target, headers: Raw(req.headers) };
+    match conns.sidecar.proxy.fast_hit(&request) {
         Some(answer) => Step::Hit { head_len, answer: Box::new(answer), head_only: method == Method::HEAD },
-        None => Step::Hand { head_len, body_len },
+        None => Step::HandOne { head_len, body_len },
     }
 }
 
@@ -459,7 +459,7 @@ fn plain_length(v: &[u8]) -> Option<u64> {
 }
 
 /// An origin-form target of the characters RFC 3986 allows in a path and query, without a
-/// fragment: the lane reads it as `http::Uri` would (anything else goes to hyper).
+/// fragment: the fast path reads it as `http::Uri` would (anything else goes to hyper).
 fn plain_target(t: &str) -> bool {
     static ALLOWED: [bool; 256] = {
         let mut table = [false; 256];
@@ -509,7 +509,7 @@ async fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) ->
     Ok(())
 }
 
-/// The lane's read buffer: bytes at `start..end` of `data`, moved to the front only when a
+/// The fast path's read buffer: bytes at `start..end` of `data`, moved to the front only when a
 /// partial head must grow.
 struct Buffer {
     data: Vec<u8>,
@@ -563,9 +563,9 @@ impl Buffer {
     }
 }
 
-/// Gives hyper what the lane read first, as much as `buf` takes; `taken` once all of it is.
+/// Gives hyper what the fast path read first, as much as `buf` takes; `taken` once all of it is.
 /// `false` when nothing is left to give (the socket's turn).
-fn give(pending: &mut Bytes, buf: &mut ReadBuf<'_>, taken: &AtomicBool) -> bool {
+fn replay_into(pending: &mut Bytes, buf: &mut ReadBuf<'_>, taken: &AtomicBool) -> bool {
     if pending.is_empty() {
         return false;
     }
@@ -623,7 +623,7 @@ impl AsyncRead for OneRequest {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if give(&mut this.pending, buf, &this.signal.taken) {
+        if replay_into(&mut this.pending, buf, &this.signal.taken) {
             return Poll::Ready(Ok(()));
         }
         if this.remaining > 0 {
@@ -668,13 +668,13 @@ impl AsyncWrite for OneRequest {
         Poll::Ready(Ok(()))
     }
 
-    /// hyper's end of the connection, its output flushed: the lane decides what comes next.
+    /// hyper's end of the connection, its output flushed: the fast path decides what comes next.
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
-/// The socket handed to hyper for good, with the bytes the lane read first (`taken` once
+/// The socket handed to hyper for good, with the bytes the fast path read first (`taken` once
 /// hyper has them all).
 struct Prefixed {
     pending: Bytes,
@@ -689,7 +689,7 @@ impl AsyncRead for Prefixed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if give(&mut this.pending, buf, &this.taken) {
+        if replay_into(&mut this.pending, buf, &this.taken) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)
@@ -715,7 +715,7 @@ mod tests {
     #[test]
     fn worth_follows_the_mix() {
         let run = |pattern: &[bool], rounds: usize| {
-            let mut w = Worth::default();
+            let mut w = Payoff::default();
             for _ in 0..rounds {
                 for &hit in pattern {
                     if hit {
@@ -733,7 +733,7 @@ mod tests {
         assert!(run(&[true, true, true, false, false, false, false], 1000), "3 hits per 4 hand-overs stay");
         assert!(!run(&[true, false, false, false], 1000), "1 hit per 3 hand-overs leaves");
         // After a long run of hits, a turn to misses leaves within 16 hand-overs.
-        let mut w = Worth::default();
+        let mut w = Payoff::default();
         (0..1000).for_each(|_| w.hit());
         assert_eq!((0..20).position(|_| !w.handover()), Some(15));
     }
