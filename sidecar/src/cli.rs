@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use apipolicy_api::contract::env;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
@@ -25,7 +26,7 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
     /// Worker threads (default: the CPUs this process may use).
-    #[arg(long, env = "APIPOLICY_THREADS", global = true)]
+    #[arg(long, env = env::THREADS, global = true)]
     pub threads: Option<usize>,
     /// Log filter, such as `info`, `warn` or `info,access=off`.
     #[arg(long, env = "APIPOLICY_LOG", default_value = "info", global = true)]
@@ -42,33 +43,33 @@ pub enum Command {
 pub struct RunArgs {
     /// An ApiPolicy manifest, or a SidecarConfig compiled by the operator. Watched: valid
     /// changes apply without dropping connections; invalid ones are refused and logged.
-    #[arg(long, env = "APIPOLICY_POLICY", required = true)]
+    #[arg(long, env = env::POLICY, required = true)]
     pub policy: Option<PathBuf>,
     /// The app, as `http://host:port` (default: the policy's `upstream.port` on 127.0.0.1).
-    #[arg(long, env = "APIPOLICY_UPSTREAM")]
+    #[arg(long, env = env::UPSTREAM)]
     pub upstream: Option<String>,
     /// Where clients connect.
-    #[arg(long, env = "APIPOLICY_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = env::LISTEN, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
     /// Where `/healthz`, `/readyz`, `/metrics` and `/slo` are served to anyone, and `/config`
     /// and `POST /purge` to loopback peers or holders of `--admin-token`.
-    #[arg(long, env = "APIPOLICY_ADMIN", default_value = "127.0.0.1:9901")]
+    #[arg(long, env = env::ADMIN, default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
     /// Redis for `scope: Global` limits (over `spec.redis.url`, e.g. from a Secret); several
     /// comma-separated URLs are the seed nodes of a Redis Cluster.
-    #[arg(long, env = "APIPOLICY_REDIS")]
+    #[arg(long, env = env::REDIS)]
     pub redis: Option<String>,
     /// The operator's agent API (`https://…`), for instant config updates and SLO reports.
-    #[arg(long, env = "APIPOLICY_OPERATOR")]
+    #[arg(long, env = env::OPERATOR)]
     pub operator: Option<http::Uri>,
     /// The projected service-account token sent to the operator.
-    #[arg(long, env = "APIPOLICY_TOKEN_FILE")]
+    #[arg(long, env = env::TOKEN_FILE)]
     pub token_file: Option<PathBuf>,
     /// The CA that signs the operator's certificate.
-    #[arg(long, env = "APIPOLICY_CA_FILE")]
+    #[arg(long, env = env::CA_FILE)]
     pub ca_file: Option<PathBuf>,
     /// This pod's name, for SLO reports (the injector sets it from the downward API).
-    #[arg(long, env = "POD_NAME", default_value = "local")]
+    #[arg(long, env = env::POD_NAME, default_value = "local")]
     pub pod_name: String,
     /// How often SLO counters are reported to the operator.
     #[arg(long, env = "APIPOLICY_REPORT_INTERVAL", default_value = "10s", value_parser = duration)]

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use apipolicy_api::SidecarConfig;
+use apipolicy_api::{SidecarConfig, contract::env};
 use clap::Args;
 use http::Uri;
 use hyper::service::service_fn;
@@ -171,7 +171,7 @@ pub struct Tuning {
     #[arg(long, env = "APIPOLICY_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
     pub reload_interval: Duration,
     /// After SIGTERM, how long to go on accepting while `/readyz` fails.
-    #[arg(long, env = "APIPOLICY_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    #[arg(long, env = env::DRAIN_DELAY, default_value = "0s", value_parser = duration)]
     pub drain_delay: Duration,
     /// After the listener closes, how long requests in flight may take to finish.
     #[arg(long, env = "APIPOLICY_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = duration)]
