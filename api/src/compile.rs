@@ -19,6 +19,8 @@ pub mod defaults {
     pub const REDIS_TIMEOUT_MS: u64 = 50;
     pub const REDIS_SECRET_KEY: &str = "url";
     pub const MAX_ENTRY_SIZE: u64 = 1 << 20;
+    /// The targeted cache-control field (RFC 9213) a cache obeys unless told otherwise.
+    pub const TARGETED_FIELD: &str = "cdn-cache-control";
     pub const COMPRESSION_MIN_SIZE: u64 = 1024;
     pub const ALGORITHMS: [super::Encoding; 3] =
         [super::Encoding::Br, super::Encoding::Zstd, super::Encoding::Gzip];
@@ -205,6 +207,20 @@ pub struct CacheConfig {
     pub surrogate_keys: Vec<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub sort_query: bool,
+    /// Lower-cased names of the targeted fields obeyed, in precedence order.
+    #[serde(default = "targeted_default", skip_serializing_if = "is_targeted_default")]
+    pub targeted: Vec<String>,
+    /// The statuses the route stores; `None`: the default set of its mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statuses: Option<Vec<u16>>,
+}
+
+fn targeted_default() -> Vec<String> {
+    vec![defaults::TARGETED_FIELD.to_owned()]
+}
+
+fn is_targeted_default(t: &[String]) -> bool {
+    matches!(t, [one] if one == defaults::TARGETED_FIELD)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -530,6 +546,11 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
                 store_set_cookie: store.and_then(|s| s.store_set_cookie).unwrap_or(false),
                 surrogate_keys: c.surrogate_keys.clone(),
                 sort_query: c.sort_query.unwrap_or(false),
+                targeted: c
+                    .targeted
+                    .as_ref()
+                    .map_or_else(targeted_default, |t| t.iter().map(|f| f.to_ascii_lowercase()).collect()),
+                statuses: c.statuses.clone(),
             }
         }),
         rate_limit: s.rate_limit.as_ref().map(|rl| {

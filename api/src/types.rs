@@ -406,6 +406,23 @@ pub struct Cache {
     /// Default: `false`, the query is keyed as sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort_query: Option<bool>,
+    /// Targeted cache-control fields (RFC 9213) this cache obeys, first present wins: when a
+    /// response carries one, its directives replace `Cache-Control` (and `Expires`) for the
+    /// sidecar's store, and every field listed is removed before the response leaves, so that
+    /// clients and caches behind see only `Cache-Control`. Default: `[CDN-Cache-Control]`;
+    /// `[]` obeys `Cache-Control` alone. `Surrogate-Control` is read the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4))]
+    pub targeted: Option<Vec<String>>,
+
+    /// Response statuses the route may store. Default: the statuses RFC 9110 §15.1 makes
+    /// heuristically cacheable (200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501), and
+    /// with mode `Origin` also any other final status the app makes explicitly cacheable
+    /// (`max-age`, `s-maxage`, `Expires` or `public`), 206 aside. With mode `Override` the
+    /// policy's `Cache-Control` goes on these statuses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub statuses: Option<Vec<u16>>,
 }
 
 /// Who decides a response's freshness.

@@ -488,6 +488,18 @@ impl Ctx<'_> {
                     p.add(format!("{at}.vary[{k}]"), format!("{v:?} is not a header name"));
                 }
             }
+            for (k, f) in c.targeted.iter().flatten().enumerate() {
+                if !is_token(f) {
+                    p.add(format!("{at}.targeted[{k}]"), format!("{f:?} is not a header name"));
+                } else if f.eq_ignore_ascii_case("cache-control") {
+                    p.add(format!("{at}.targeted[{k}]"), "Cache-Control is obeyed when no targeted field is present: list only targeted fields such as CDN-Cache-Control");
+                }
+            }
+            for (k, status) in c.statuses.iter().flatten().enumerate() {
+                if !(200..=599).contains(status) || *status == 206 || *status == 304 {
+                    p.add(format!("{at}.statuses[{k}]"), format!("{status} cannot be stored: a final status from 200 to 599, other than 206 and 304 (partial and not-modified answers are never stored whole)"));
+                }
+            }
             if let Some(store) = &c.store {
                 if c.private == Some(true) && store.enabled == Some(true) {
                     p.add(

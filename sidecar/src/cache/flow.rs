@@ -59,7 +59,7 @@ fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
 }
 
 /// Whether the cache may answer a request: `None` for methods it never answers, `Some(false)`
-/// for a GET or HEAD that must bypass it (Range, `no-store`, and in Override mode
+/// for a GET or HEAD that must bypass it (`no-store`, and in Override mode
 /// Authorization, since the policy would make a per-user answer public). A GET or HEAD with a
 /// body bypasses it too: the body is not in the cache key, so the request goes to the app as
 /// sent, body and all, and its answer is not stored.
@@ -68,7 +68,6 @@ pub fn eligible<B: http_body::Body>(config: &CacheConfig, req: &Request<B>, asks
         return None;
     }
     let bypass = !req.body().is_end_stream()
-        || asks.range
         || (config.mode == CacheMode::Override && asks.authorization)
         || (asks.cache_control
             && super::directives(req.headers().get_all(header::CACHE_CONTROL))
@@ -117,7 +116,8 @@ async fn serve_full<U: ToApp>(
     for name in crate::forwarded::rewriting() {
         parts.headers.remove(name);
     }
-    let client_headers = parts.headers.clone();
+    let mut client_headers = parts.headers.clone();
+    super::judge::request(&mut client_headers);
     let mut stale: Option<Arc<Entry>> = None;
     let mut miss_kind = "fwd=uri-miss";
     // A few rounds at most: a waiter whose leader failed may lead the next round itself.
@@ -137,8 +137,9 @@ async fn serve_full<U: ToApp>(
                 return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
             }
             Lookup::Stale(e) => {
+                // RFC 9211: a fresh entry the request's own directives refused is `request`.
+                miss_kind = if e.ttl(now).is_zero() { "fwd=stale" } else { "fwd=request" };
                 stale = Some(e);
-                miss_kind = "fwd=stale";
             }
             Lookup::VaryMiss => miss_kind = "fwd=vary-miss",
             Lookup::UriMiss => {}
@@ -211,6 +212,8 @@ async fn fetch<U: ToApp>(
     for name in &CONDITIONAL {
         parts.headers.remove(name);
     }
+    // The whole response is stored; a range is served from it.
+    parts.headers.remove(header::RANGE);
     let revalidating = stale.is_some_and(|e| {
         let mut asked = false;
         if let Some(etag) = e.headers.get(header::ETAG) {
@@ -264,13 +267,13 @@ async fn fill<U: ToApp>(
         && let Some(old) = &stale
     {
         route.cache_lookups.revalidated.inc();
-        let fresh = Arc::new(refreshed(old, key, client_headers, resp.headers(), now));
+        let fresh = Arc::new(refreshed(config, old, key, client_headers, resp.headers(), now));
         store.insert(key, fresh.clone(), client_headers, now);
         if let Some(shared) = &active.shared_cache {
             shared.put(key, &fresh, client_headers, now).await;
         }
-        let kind = "fwd=stale; fwd-status=304; stored";
-        let r = respond(active, route, &fresh, now, Some(kind), client_headers, head).await;
+        let kind = format!("{miss_kind}; fwd-status=304; stored");
+        let r = respond(active, route, &fresh, now, Some(&kind), client_headers, head).await;
         return (Ok(r), Flight::Stored);
     }
     if status.is_server_error()
@@ -290,6 +293,9 @@ async fn fill<U: ToApp>(
     match buffer(body, config.max_entry_size).await {
         Err(e) => (Err(ProxyError::BadGateway(format!("the app's body broke off: {e}"))), Flight::Failed),
         Ok(Buffered::TooLarge(prefix, rest)) => {
+            for name in &config.targeted {
+                parts.headers.remove(name.as_str());
+            }
             let mut resp = Response::from_parts(parts, ProxyBody::prefixed(prefix, rest));
             resp.headers_mut()
                 .insert(CACHE_STATUS.clone(), cache_status(&format!("{miss_kind}; detail=too-large")));
@@ -333,6 +339,9 @@ fn pass_through(config: &CacheConfig, resp: Response<Incoming>, kind: &str) -> R
     if config.mode == CacheMode::Override {
         effective_headers(config, parts.status, &mut parts.headers);
     }
+    for name in &config.targeted {
+        parts.headers.remove(name.as_str());
+    }
     parts.headers.insert(CACHE_STATUS.clone(), cache_status(kind));
     Response::from_parts(parts, ProxyBody::upstream(body))
 }
@@ -351,9 +360,18 @@ async fn respond(
     request: &HeaderMap,
     head: bool,
 ) -> Response<ProxyBody> {
+    // A range is of the identity body (the stored bytes): compression is skipped for it.
+    let range = request
+        .get(header::RANGE)
+        .filter(|_| e.status == StatusCode::OK && super::range::if_range_allows(request, &e.headers));
     let accept = request.get(header::ACCEPT_ENCODING).map(HeaderValue::as_bytes);
     let answer = match hit(active, route, e, now, accept) {
-        Ok(answer) => answer,
+        Ok(answer) if range.is_none() => answer,
+        Ok(answer) => {
+            let compressible = answer.head.compressible;
+            hit_in(e, compressible, None, e.body.clone(), now)
+        }
+        Err(_) if range.is_some() => hit_in(e, true, None, e.body.clone(), now),
         // Once per entry and encoding; boxed, so that the hit path's future stays small.
         Err(enc) => match Box::pin(encode(enc, &e.body)).await {
             Some(packed) => {
@@ -379,8 +397,29 @@ async fn respond(
         }
         return resp;
     }
-    let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(answer.body) });
-    *resp.status_mut() = e.status;
+    let mut status = e.status;
+    let mut body = answer.body;
+    if let Some(range) = range {
+        let len = body.len() as u64;
+        match super::range::wanted(range.as_bytes(), len) {
+            super::range::Wanted::Whole => {}
+            super::range::Wanted::Part(part) => {
+                status = StatusCode::PARTIAL_CONTENT;
+                headers.insert(header::CONTENT_RANGE, super::range::content_range(Some(&part), len));
+                body = body.slice(*part.start() as usize..=*part.end() as usize);
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            }
+            super::range::Wanted::Unsatisfiable => {
+                status = StatusCode::RANGE_NOT_SATISFIABLE;
+                headers.insert(header::CONTENT_RANGE, super::range::content_range(None, len));
+                headers.remove(header::CONTENT_TYPE);
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+                body = Bytes::new();
+            }
+        }
+    }
+    let mut resp = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(body) });
+    *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
 }

@@ -10,6 +10,8 @@
 
 pub mod conditional;
 pub mod flow;
+pub mod judge;
+pub mod range;
 pub mod shared;
 
 use std::{
@@ -159,8 +161,12 @@ impl ResponseLike for ResponseView<'_> {
 pub struct Entry {
     pub policy: CachePolicy,
     pub status: StatusCode,
-    /// The response headers as stored (with the policy's Cache-Control in Override mode).
+    /// The response headers as stored (with the policy's Cache-Control in Override mode),
+    /// without the targeted fields the route obeys: those are in `targeted`.
     pub headers: HeaderMap,
+    /// The route's targeted cache-control fields (RFC 9213) the response had: judged, kept
+    /// for a later revalidation or the shared tier, never sent on.
+    pub targeted: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
     /// How long past freshness the entry may be served while revalidating / on errors.
     pub stale_while_revalidate: Duration,
@@ -259,9 +265,24 @@ impl Entry {
         now.duration_since(self.fresh_until).unwrap_or_default()
     }
 
-    /// Past every window: useless even as a stale fallback.
+    /// Past every window and without a validator: useless even as a stale fallback. An
+    /// entry with an `ETag` or `Last-Modified` stays, to be revalidated (RFC 9111 §4.3).
     pub fn expired(&self, now: SystemTime) -> bool {
-        self.staleness(now) > self.stale_while_revalidate.max(self.stale_if_error)
+        self.staleness(now) > self.stale_while_revalidate.max(self.stale_if_error) && !self.has_validator()
+    }
+
+    /// Whether the app can tell whether the stored response is still current.
+    pub fn has_validator(&self) -> bool {
+        self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED)
+    }
+
+    /// The headers as the app sent them (targeted fields included), for the shared tier.
+    pub fn stored_headers(&self) -> HeaderMap {
+        let mut h = self.headers.clone();
+        for (n, v) in &self.targeted {
+            h.append(n.clone(), v.clone());
+        }
+        h
     }
 
     /// The entry's current age: as stored, plus the time since (what `CachePolicy::age` says).
@@ -662,13 +683,24 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
 }
 
+/// Whether the route stores `status` at all: its `statuses` when it lists them; else, in
+/// Override mode the heuristically cacheable ones, in Origin mode any final status (the
+/// judgement then asks for the app's explicit consent outside the heuristic set).
+fn route_stores(config: &CacheConfig, status: StatusCode) -> bool {
+    match &config.statuses {
+        Some(list) => list.contains(&status.as_u16()),
+        None if config.mode == CacheMode::Override => heuristically_cacheable(status),
+        None => judge::storable_status(status),
+    }
+}
+
 /// The response headers the cache judges and stores: in Override mode, the policy's
 /// Cache-Control (and Vary) in place of the app's.
 pub fn effective_headers(config: &CacheConfig, status: StatusCode, headers: &mut HeaderMap) {
     for v in &config.vary {
         crate::compress::add_vary(headers, v);
     }
-    if config.mode != CacheMode::Override || !heuristically_cacheable(status) {
+    if config.mode != CacheMode::Override || !route_stores(config, status) {
         return;
     }
     if headers.contains_key(header::SET_COOKIE) && !config.store_set_cookie {
@@ -704,13 +736,17 @@ pub fn refuse_to_store(
     if !config.store {
         return Some("store disabled");
     }
+    if !route_stores(config, status) {
+        return Some("status not stored on this route");
+    }
     if headers.contains_key(header::SET_COOKIE) && !config.store_set_cookie {
         return Some("sets a cookie");
     }
     if headers.get_all(header::VARY).iter().any(|v| v.as_bytes().contains(&b'*')) {
         return Some("Vary: *");
     }
-    let policy = policy_for(key, request_headers, status, headers, now);
+    let targeted = judge::targeted(config, headers);
+    let policy = policy_for(config, key, request_headers, status, headers, &targeted, now);
     if !policy.is_storable() {
         return Some("not storable by a shared cache");
     }
@@ -718,12 +754,16 @@ pub fn refuse_to_store(
 }
 
 fn policy_for(
+    config: &CacheConfig,
     key: &CacheKey,
     req: &HeaderMap,
     status: StatusCode,
     res: &HeaderMap,
+    targeted: &[(HeaderName, HeaderValue)],
     now: SystemTime,
 ) -> CachePolicy {
+    let (status, res) = judge::response(config, status, res, targeted);
+    let res = &res;
     // Accept-Encoding is handled apart (one identity body, compressed forms beside it), so the
     // policy must not split variants on it.
     let vary_without_ae: Option<HeaderValue> = {
@@ -756,7 +796,7 @@ pub fn entry(
     key: &CacheKey,
     request_headers: &HeaderMap,
     status: StatusCode,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
     now: SystemTime,
 ) -> Entry {
@@ -764,74 +804,131 @@ pub fn entry(
     for v in headers.get_all(&SURROGATE_KEY).iter().filter_map(|v| v.to_str().ok()) {
         surrogate_keys.extend(v.split_whitespace().map(str::to_owned));
     }
-    let windows = (
-        directive_secs(&headers, "stale-while-revalidate").unwrap_or_default(),
-        directive_secs(&headers, "stale-if-error").unwrap_or_default(),
-    );
-    assemble(key, request_headers, status, headers, body, surrogate_keys, windows, Default::default(), now)
+    let targeted = judge::targeted(config, &headers);
+    for (name, _) in &targeted {
+        headers.remove(name);
+    }
+    let parts = Parts { status, headers, targeted, body, surrogate_keys, encoded: Default::default() };
+    assemble(config, key, request_headers, parts, now)
 }
 
-/// The same entry with the headers of a 304 revalidation merged in.
+/// The same entry with the headers of a 304 revalidation merged in (RFC 9111 §3.2, §4.3.4):
+/// every field the 304 has replaces the stored one, except the framing and coding of the
+/// stored body and the hop-by-hop fields, which describe another message.
 pub fn refreshed(
+    config: &CacheConfig,
     old: &Entry,
     key: &CacheKey,
     request_headers: &HeaderMap,
     not_modified: &HeaderMap,
     now: SystemTime,
 ) -> Entry {
-    let mut headers = old.headers.clone();
+    let mut headers = old.stored_headers();
+    let mut replaced: HashSet<&HeaderName> = HashSet::new();
     for (name, value) in not_modified {
-        if !matches!(*name, header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONTENT_ENCODING) {
+        if KEPT_ON_UPDATE.contains(name) || crate::forwarded::is_forwarding(name.as_str()) {
+            continue;
+        }
+        // A field the 304 sends replaces all its stored values; its own several values stay.
+        if replaced.insert(name) {
             headers.insert(name.clone(), value.clone());
+        } else {
+            headers.append(name.clone(), value.clone());
         }
     }
-    let fresh = assemble(
-        key,
-        request_headers,
-        old.status,
+    effective_headers(config, old.status, &mut headers);
+    let targeted = judge::targeted(config, &headers);
+    for (name, _) in &targeted {
+        headers.remove(name);
+    }
+    let parts = Parts {
+        status: old.status,
         headers,
-        old.body.clone(),
-        old.surrogate_keys.clone(),
-        (old.stale_while_revalidate, old.stale_if_error),
-        old.encoded.clone(),
-        now,
-    );
+        targeted,
+        body: old.body.clone(),
+        surrogate_keys: old.surrogate_keys.clone(),
+        encoded: old.encoded.clone(),
+    };
+    let fresh = assemble(config, key, request_headers, parts, now);
     old.revalidating.store(false, Ordering::Release);
     fresh
 }
 
-#[allow(clippy::too_many_arguments)]
-fn assemble(
-    key: &CacheKey,
-    request_headers: &HeaderMap,
+/// Fields a 304 does not update: the stored body's framing and coding, and what belongs to
+/// one connection only.
+static KEPT_ON_UPDATE: [HeaderName; 10] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::TRANSFER_ENCODING,
+    header::CONTENT_RANGE,
+    header::CONNECTION,
+    header::TE,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+];
+
+/// What an entry is made of besides its judgement.
+struct Parts {
     status: StatusCode,
     headers: HeaderMap,
+    targeted: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     surrogate_keys: Vec<String>,
-    (stale_while_revalidate, stale_if_error): (Duration, Duration),
     encoded: [OnceLock<Bytes>; 3],
+}
+
+fn assemble(
+    config: &CacheConfig,
+    key: &CacheKey,
+    request_headers: &HeaderMap,
+    p: Parts,
     now: SystemTime,
 ) -> Entry {
-    let policy = policy_for(key, request_headers, status, &headers, now);
+    let policy = policy_for(config, key, request_headers, p.status, &p.headers, &p.targeted, now);
+    let (stale_while_revalidate, stale_if_error) = stale_windows(config, p.status, &p.headers, &p.targeted);
     Entry {
         fresh_until: now + policy.time_to_live(now),
         initial_age: policy.age(now),
         stored_at: now,
-        vary: vary_values(&headers, request_headers),
+        vary: vary_values(&p.headers, request_headers),
         policy,
-        status,
-        headers,
-        body,
+        status: p.status,
+        headers: p.headers,
+        targeted: p.targeted,
+        body: p.body,
         stale_while_revalidate,
         stale_if_error,
-        surrogate_keys,
+        surrogate_keys: p.surrogate_keys,
         path: key.path.clone(),
         hash: key.hash,
-        encoded,
+        encoded: p.encoded,
         revalidating: AtomicBool::new(false),
         heads: Default::default(),
         compressible: AtomicU64::new(0),
     }
+}
+
+/// How long past freshness the entry may be served while revalidating, and when the app
+/// fails (RFC 5861): not at all when the response must be revalidated first
+/// (`must-revalidate`, `proxy-revalidate`, `no-cache`; RFC 9111 §4.2.4, §5.2.2).
+fn stale_windows(
+    config: &CacheConfig,
+    status: StatusCode,
+    headers: &HeaderMap,
+    targeted: &[(HeaderName, HeaderValue)],
+) -> (Duration, Duration) {
+    let (_, judged) = judge::response(config, status, headers, targeted);
+    let strict = directives(judged.get_all(header::CACHE_CONTROL))
+        .any(|(n, _)| matches!(n, "must-revalidate" | "proxy-revalidate" | "no-cache"));
+    if strict {
+        return Default::default();
+    }
+    (
+        directive_secs(&judged, "stale-while-revalidate").unwrap_or_default(),
+        directive_secs(&judged, "stale-if-error").unwrap_or_default(),
+    )
 }
 
 /// The request's values of the headers the response's `Vary` names, Accept-Encoding aside;

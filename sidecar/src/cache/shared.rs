@@ -190,7 +190,7 @@ impl Shared {
         let stored = Stored {
             status: entry.status.as_u16(),
             headers: entry
-                .headers
+                .stored_headers()
                 .iter()
                 .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
                 .collect(),

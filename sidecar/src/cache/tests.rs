@@ -6,6 +6,15 @@ fn store() -> Store {
     Store::new(1 << 20, CacheMetrics { bytes: g("b"), entries: g("e"), evictions: c("v"), coalesced: c("c") })
 }
 
+fn origin() -> CacheConfig {
+    serde_json::from_value(serde_json::json!({
+        "mode": "Origin", "staleWhileRevalidateMs": 0, "staleIfErrorMs": 0, "private": false,
+        "vary": [], "etag": true, "store": true, "maxEntrySize": 1_048_576,
+        "storeSetCookie": false, "surrogateKeys": [],
+    }))
+    .unwrap()
+}
+
 fn map(pairs: &[(&str, &str)]) -> HeaderMap {
     pairs.iter().map(|(n, v)| (n.parse::<HeaderName>().unwrap(), v.parse().unwrap())).collect()
 }
@@ -42,15 +51,13 @@ fn the_url_hash_is_the_hash_of_the_key_text() {
 #[test]
 fn compressibility_is_remembered_per_config_and_route() {
     let key = CacheKey::new("h", "/p", None, false);
-    let e = assemble(
+    let e = entry(
+        &origin(),
         &key,
         &HeaderMap::new(),
         StatusCode::OK,
         map(&[("cache-control", "max-age=60")]),
         Bytes::from_static(b"body"),
-        Vec::new(),
-        (Duration::ZERO, Duration::ZERO),
-        Default::default(),
         SystemTime::now(),
     );
     let mut judged = 0;
@@ -83,6 +90,9 @@ fn fast_hits_agree_with_the_full_judgement() {
         &[("cache-control", "max-age=60"), ("vary", "accept-encoding, X-Tier")],
         &[("cache-control", "max-age=60"), ("vary", "x-forwarded-host")],
         &[("cache-control", "max-age=0")],
+        &[("cache-control", "Public, MAX-AGE=60")],
+        &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=60")],
+        &[("cache-control", "max-age=60"), ("age", "20, 0")],
     ];
     let requests: &[&[(&str, &str)]] = &[
         &[("host", "h")],
@@ -98,15 +108,13 @@ fn fast_hits_agree_with_the_full_judgement() {
     for res in responses {
         for stored_for in requests {
             let store = store();
-            let e = Arc::new(assemble(
+            let e = Arc::new(entry(
+                &origin(),
                 &key,
                 &map(stored_for),
                 StatusCode::OK,
                 map(res),
                 Bytes::from_static(b"body"),
-                Vec::new(),
-                (Duration::ZERO, Duration::ZERO),
-                Default::default(),
                 now,
             ));
             store.insert(&key, e.clone(), &map(stored_for), now);
