@@ -19,6 +19,7 @@ pub mod defaults {
     pub const REDIS_TIMEOUT_MS: u64 = 50;
     pub const REDIS_SECRET_KEY: &str = "url";
     pub const MAX_ENTRY_SIZE: u64 = 1 << 20;
+    pub const RETRY_ATTEMPTS: u32 = 2;
     /// The targeted cache-control field (RFC 9213) a cache obeys unless told otherwise.
     pub const TARGETED_FIELD: &str = "cdn-cache-control";
     pub const COMPRESSION_MIN_SIZE: u64 = 1024;
@@ -147,6 +148,69 @@ pub struct RouteConfig {
     pub stream_idle_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<HeaderRulesConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+}
+
+/// `retry`, with its defaults filled in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// The budget's ratio in thousandths.
+    pub budget_permille: u32,
+    pub budget_min_per_second: u32,
+    pub budget_ttl_ms: u64,
+}
+
+/// One condition of `retry.on`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum RetryOn {
+    ConnectFailure,
+    Reset,
+    Timeout,
+    GatewayError,
+    ServerError,
+    Status(u16),
+}
+
+impl RetryOn {
+    /// Reads one `retry.on` entry.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "connect-failure" => Self::ConnectFailure,
+            "reset" => Self::Reset,
+            "timeout" => Self::Timeout,
+            "gateway-error" => Self::GatewayError,
+            "5xx" => Self::ServerError,
+            code => match code.parse::<u16>() {
+                Ok(n) if (400..600).contains(&n) && code.len() == 3 => Self::Status(n),
+                _ => return None,
+            },
+        })
+    }
+}
+
+/// `circuitBreaker`, with its defaults filled in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerConfig {
+    pub consecutive_failures: u32,
+    /// The failure ratio in thousandths; `None`: not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_permille: Option<u32>,
+    pub min_requests: u32,
+    pub window_ms: u64,
+    pub open_for_ms: u64,
+    pub half_open_requests: u32,
 }
 
 /// `requestHeaders`, names lower-cased, in the order they apply: removals, then sets.
@@ -518,6 +582,8 @@ fn merge(route: &RouteSettings, defaults: &RouteSettings) -> RouteSettings {
             .clone()
             .or_else(|| defaults.stream_idle_timeout.clone()),
         request_headers: route.request_headers.clone().or_else(|| defaults.request_headers.clone()),
+        retry: route.retry.clone().or_else(|| defaults.retry.clone()),
+        circuit_breaker: route.circuit_breaker.clone().or_else(|| defaults.circuit_breaker.clone()),
     }
 }
 
@@ -620,6 +686,32 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
                 remove: r.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 set: r.set.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
             }),
+        retry: s.retry.as_ref().map(|r| {
+            let budget = r.budget.as_ref();
+            let backoff = r.backoff.as_ref();
+            RetryConfig {
+                attempts: r.attempts.unwrap_or(defaults::RETRY_ATTEMPTS),
+                on: if r.on.is_empty() {
+                    vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::GatewayError]
+                } else {
+                    r.on.iter().filter_map(|o| RetryOn::parse(o)).collect()
+                },
+                per_try_timeout_ms: r.per_try_timeout.as_ref().map(|d| d.as_millis()),
+                backoff_base_ms: backoff.and_then(|b| b.base.as_ref()).map_or(25, |d| d.as_millis()),
+                backoff_max_ms: backoff.and_then(|b| b.max.as_ref()).map_or(250, |d| d.as_millis()),
+                budget_permille: budget.and_then(|b| b.ratio).map_or(200, |r| (r * 1000.0).round() as u32),
+                budget_min_per_second: budget.and_then(|b| b.min_per_second).unwrap_or(10),
+                budget_ttl_ms: budget.and_then(|b| b.ttl.as_ref()).map_or(10_000, |d| d.as_millis()),
+            }
+        }),
+        circuit_breaker: s.circuit_breaker.as_ref().map(|c| CircuitBreakerConfig {
+            consecutive_failures: c.consecutive_failures.unwrap_or(5),
+            failure_permille: c.failure_ratio.map(|r| (r * 1000.0).round() as u32),
+            min_requests: c.min_requests.unwrap_or(20),
+            window_ms: c.window.as_ref().map_or(10_000, |d| d.as_millis()),
+            open_for_ms: c.open_for.as_ref().map_or(30_000, |d| d.as_millis()),
+            half_open_requests: c.half_open_requests.unwrap_or(1),
+        }),
     }
 }
 

@@ -327,6 +327,14 @@ pub struct RouteSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<Duration>,
 
+    /// Retries of requests the app failed, within a retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+
+    /// Fail fast while the app keeps failing, and probe it before sending it everything again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+
     /// Headers set on, or removed from, every request the route sends the app (pass-through
     /// and cache fills alike), after the cache key is taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -654,6 +662,98 @@ pub struct ConcurrencyLimit {
     /// `Retry-After` at once: nothing queues.
     #[schemars(range(min = 1))]
     pub max_in_flight: u32,
+}
+
+/// Retries of failed tries to the app (as Envoy's retry policy), bounded by a budget (as
+/// Linkerd's): only idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE) or those with an
+/// `Idempotency-Key` are retried, and only while their body fits the replay buffer (64 KiB).
+/// The route's `timeout` bounds all tries together.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    /// Tries in all, the first included, from 2 to 5. Default: 2 (one retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 5))]
+    pub attempts: Option<u32>,
+
+    /// What makes a try worth retrying: `connect-failure` (the app could not be reached),
+    /// `reset` (the connection broke before the response headers), `timeout` (the try ran past
+    /// `perTryTimeout`), `gateway-error` (502, 503, 504), `5xx`, or one status such as `503`
+    /// or `429`. Default: `[connect-failure, reset, gateway-error]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub on: Vec<String>,
+
+    /// How long one try may wait for the response headers. Default: the route's `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+
+    /// The wait before each retry: a random time up to `base × 2^(retry − 1)`, at most `max`
+    /// (full jitter). The app's `Retry-After` is a floor. Default: `{base: 25ms, max: 250ms}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+
+    /// How many retries the route may add to the requests it sends. Default:
+    /// `{ratio: 0.2, minPerSecond: 10, ttl: 10s}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Duration>,
+}
+
+/// Retries may add at most `ratio` of the requests of the last `ttl`, plus `minPerSecond`
+/// × `ttl` seconds: a failing app never sees a retry storm.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// From 0 to 1. Default: 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub ratio: Option<f64>,
+    /// Default: 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<u32>,
+    /// From 1s to 60s. Default: 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+}
+
+/// A circuit breaker: it opens after `consecutiveFailures` failed tries in a row, or when at
+/// least `minRequests` tries of the last `window` failed at `failureRatio` or more; while
+/// open, requests fail at once (503, `type …/circuit-open`, `Retry-After`), or get a stale
+/// cache entry when the route has one within its `staleIfError`; after `openFor`, up to
+/// `halfOpenRequests` probes go to the app: all must succeed to close it, one failure opens
+/// it again. A failure is a try that could not reach the app, broke, timed out, or got a 5xx.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Default: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub consecutive_failures: Option<u32>,
+    /// From 0 (exclusive) to 1; unset: only consecutive failures open the circuit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_ratio: Option<f64>,
+    /// Default: 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u32>,
+    /// From 1s to 10m. Default: 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+    /// From 100ms to 10m. Default: 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<Duration>,
+    /// Default: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub half_open_requests: Option<u32>,
 }
 
 /// A service level objective.

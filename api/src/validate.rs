@@ -556,6 +556,12 @@ impl Ctx<'_> {
         if let Some(size) = &s.max_request_body {
             p.size(&format!("{at}.maxRequestBody"), size, 1, 64 * 1024 * MIB);
         }
+        if let Some(r) = &s.retry {
+            retry(p, &format!("{at}.retry"), r, s.timeout.as_ref());
+        }
+        if let Some(c) = &s.circuit_breaker {
+            circuit_breaker(p, &format!("{at}.circuitBreaker"), c);
+        }
         if let Some(rules) = &s.request_headers {
             header_rules(p, &format!("{at}.requestHeaders"), rules);
         }
@@ -696,6 +702,75 @@ const UNCHANGEABLE_HEADERS: [&str; 14] = [
 fn unchangeable(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     UNCHANGEABLE_HEADERS.contains(&name.as_str()) || name.starts_with("x-forwarded-")
+}
+
+fn retry(p: &mut Problems, at: &str, r: &crate::Retry, timeout: Option<&Duration>) {
+    if let Some(n) = r.attempts
+        && !(2..=5).contains(&n)
+    {
+        p.add(
+            format!("{at}.attempts"),
+            format!("{n} is out of range: tries in all, the first included, 2 to 5"),
+        );
+    }
+    for (k, on) in r.on.iter().enumerate() {
+        if crate::RetryOn::parse(on).is_none() {
+            p.add(
+                format!("{at}.on[{k}]"),
+                format!("{on:?} is not a retry condition: use connect-failure, reset, timeout, gateway-error, 5xx, or a status from 400 to 599"),
+            );
+        }
+    }
+    p.duration_opt(&format!("{at}.perTryTimeout"), r.per_try_timeout.as_ref(), 1, 3_600_000);
+    if let (Some(per_try), Some(route)) = (&r.per_try_timeout, timeout)
+        && per_try.as_millis() > route.as_millis()
+    {
+        p.add(
+            format!("{at}.perTryTimeout"),
+            "longer than the route's timeout, which bounds all tries together: it would never apply",
+        );
+    }
+    if let Some(b) = &r.backoff {
+        p.duration_opt(&format!("{at}.backoff.base"), b.base.as_ref(), 1, 60_000);
+        p.duration_opt(&format!("{at}.backoff.max"), b.max.as_ref(), 1, 60_000);
+        if let (Some(base), Some(max)) = (&b.base, &b.max)
+            && base.as_millis() > max.as_millis()
+        {
+            p.add(format!("{at}.backoff.max"), "shorter than base");
+        }
+    }
+    if let Some(b) = &r.budget {
+        if let Some(ratio) = b.ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            p.add(
+                format!("{at}.budget.ratio"),
+                format!("{ratio} is out of range: 0 to 1 (0.2 lets retries add a fifth)"),
+            );
+        }
+        if let Some(n) = b.min_per_second
+            && n > 10_000
+        {
+            p.add(format!("{at}.budget.minPerSecond"), format!("{n} is out of range: 0 to 10000"));
+        }
+        p.duration_opt(&format!("{at}.budget.ttl"), b.ttl.as_ref(), 1000, 60_000);
+    }
+}
+
+fn circuit_breaker(p: &mut Problems, at: &str, c: &crate::CircuitBreaker) {
+    if c.consecutive_failures == Some(0) {
+        p.add(format!("{at}.consecutiveFailures"), "0 would keep the circuit open: use 1 or more");
+    }
+    if let Some(r) = c.failure_ratio
+        && !(r > 0.0 && r <= 1.0)
+    {
+        p.add(format!("{at}.failureRatio"), format!("{r} is out of range: above 0, at most 1"));
+    }
+    if c.half_open_requests == Some(0) {
+        p.add(format!("{at}.halfOpenRequests"), "0 would never close the circuit: use 1 or more");
+    }
+    p.duration_opt(&format!("{at}.window"), c.window.as_ref(), 1000, 600_000);
+    p.duration_opt(&format!("{at}.openFor"), c.open_for.as_ref(), 100, 600_000);
 }
 
 fn header_rules(p: &mut Problems, at: &str, rules: &crate::HeaderRules) {

@@ -416,6 +416,49 @@ fn cases() -> Vec<Case> {
             "spec.routes[0].requestHeaders.set[\"bad name\"]",
             "is not a header name",
         ),
+        case(
+            "/spec/routes/0/retry",
+            json!({"on": ["sometimes"]}),
+            "spec.routes[0].retry.on[0]",
+            "not a retry condition",
+        ),
+        case("/spec/routes/0/retry", json!({"attempts": 9}), "spec.routes[0].retry.attempts", "at most 5"),
+        case(
+            "/spec/routes/0/retry",
+            json!({"backoff": {"base": "1s", "max": "10ms"}}),
+            "spec.routes[0].retry.backoff.max",
+            "shorter than base",
+        ),
+        case(
+            "/spec/routes/0/retry",
+            json!({"budget": {"ratio": 1.5}}),
+            "spec.routes[0].retry.budget.ratio",
+            "at most 1",
+        ),
+        case(
+            "/spec/routes/0/circuitBreaker",
+            json!({"failureRatio": 0}),
+            "spec.routes[0].circuitBreaker.failureRatio",
+            "out of range",
+        ),
+        case(
+            "/spec/routes/0/circuitBreaker",
+            json!({"halfOpenRequests": 0}),
+            "spec.routes[0].circuitBreaker.halfOpenRequests",
+            "at least 1",
+        ),
+        case(
+            "/spec/routes/0/cache/targeted",
+            json!(["Cache-Control"]),
+            "spec.routes[0].cache.targeted[0]",
+            "obeyed when no targeted",
+        ),
+        case(
+            "/spec/routes/0/cache/statuses",
+            json!([206]),
+            "spec.routes[0].cache.statuses[0]",
+            "cannot be stored",
+        ),
     ]
 }
 

@@ -207,11 +207,13 @@ impl Body for ProxyBody {
 
 pin_project_lite::pin_project! {
     /// What goes to the upstream: the client's body (under the route's size limit when it has
-    /// one, and ended when it stalls), or nothing (a cache fill or revalidation).
+    /// one, and ended when it stalls), a body read whole to be sent again on a retry
+    /// (`Replay`), or nothing (a cache fill or revalidation).
     #[project = UpstreamProj]
     pub enum UpstreamBody {
         Client { #[pin] body: Incoming, idle: IdleTimer },
         Limited { #[pin] body: Limited<Incoming>, idle: IdleTimer },
+        Replay { data: Option<Bytes> },
         Empty,
     }
 }
@@ -241,6 +243,7 @@ impl Body for UpstreamBody {
                 let polled = body.poll_frame(cx).map_err(client_error);
                 idle.check(cx, polled)
             }
+            UpstreamProj::Replay { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             UpstreamProj::Empty => Poll::Ready(None),
         }
     }
@@ -249,6 +252,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Client { body, .. } => body.is_end_stream(),
             Self::Limited { body, .. } => body.is_end_stream(),
+            Self::Replay { data } => data.is_none(),
             Self::Empty => true,
         }
     }
@@ -257,6 +261,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Client { body, .. } => body.size_hint(),
             Self::Limited { body, .. } => body.size_hint(),
+            Self::Replay { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Self::Empty => SizeHint::with_exact(0),
         }
     }

@@ -35,6 +35,8 @@ pub enum ProxyError {
     Overloaded { max_in_flight: u32 },
     #[error("the rate-limit store is unavailable and this route fails closed: {0}")]
     LimitStoreUnavailable(String),
+    #[error("the app failed too often: this route's circuit is open for {retry_after_s} s more")]
+    CircuitOpen { retry_after_s: u64 },
 }
 
 impl ProxyError {
@@ -53,7 +55,9 @@ impl ProxyError {
             Self::MissingKey { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
             }
-            Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) | Self::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -73,6 +77,7 @@ impl ProxyError {
             Self::MissingKey { .. } => "missing-rate-limit-key",
             Self::Overloaded { .. } => "overloaded",
             Self::LimitStoreUnavailable(_) => "rate-limit-store-unavailable",
+            Self::CircuitOpen { .. } => "circuit-open",
         }
     }
 
@@ -91,6 +96,7 @@ impl ProxyError {
             Self::MissingKey { .. } => "Rate limit key missing",
             Self::Overloaded { .. } => "Overloaded",
             Self::LimitStoreUnavailable(_) => "Rate limit store unavailable",
+            Self::CircuitOpen { .. } => "Circuit open",
         }
     }
 
@@ -104,6 +110,7 @@ impl ProxyError {
                 | Self::UpstreamUnavailable(_)
                 | Self::BadGateway(_)
                 | Self::LimitStoreUnavailable(_)
+                | Self::CircuitOpen { .. }
         )
     }
 
@@ -116,6 +123,9 @@ impl ProxyError {
             }
             Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::CircuitOpen { retry_after_s } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s.max(1)));
             }
             _ => {}
         }

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod redis_client;
 pub mod request_id;
+pub mod resilience;
 pub mod routes;
 pub mod server;
 pub mod sidecar;

@@ -41,6 +41,52 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_evictions: IntCounter,
     pub cache_coalesced: IntCounter,
+    resilience: ResilienceMetrics,
+}
+
+/// Retries and circuit breakers, by route.
+#[derive(Clone)]
+struct ResilienceMetrics {
+    retries: IntCounterVec,
+    budget_exhausted: IntCounterVec,
+    circuit_state: IntGaugeVec,
+}
+
+impl ResilienceMetrics {
+    fn register(registry: &Registry) -> Self {
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_retries_total",
+                "Requests that were retried, by how they ended: success (a retry got an answer the route does not retry) or failure (the last try failed too, or no time or budget was left).",
+            ),
+            &["route", "result"],
+        )
+        .expect("valid metric");
+        let budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "apipolicy_retry_budget_exhausted_total",
+                "Retries not made because the route's retry budget was spent.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "apipolicy_circuit_state",
+                "The route's circuit breaker: 0 closed, 1 half-open (probing), 2 open (failing fast).",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(retries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(budget_exhausted.clone()),
+            Box::new(circuit_state.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self { retries, budget_exhausted, circuit_state }
+    }
 }
 
 /// The cache lookup counters of one route, by result.
@@ -253,7 +299,9 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let resilience = ResilienceMetrics::register(&registry);
         Self {
+            resilience,
             registry,
             requests,
             request_duration,
@@ -344,6 +392,21 @@ impl Metrics {
     pub fn ratelimit_decisions(&self, route: &str) -> (IntCounter, IntCounter, IntCounter) {
         let c = |d| self.ratelimit_decisions.with_label_values(&[route, d]);
         (c("allowed"), c("limited"), c("shadow_limited"))
+    }
+
+    /// The retried-success, retried-failure and budget-exhausted counters of a route.
+    pub fn retries(&self, route: &str) -> (IntCounter, IntCounter, IntCounter) {
+        let r = &self.resilience;
+        (
+            r.retries.with_label_values(&[route, "success"]),
+            r.retries.with_label_values(&[route, "failure"]),
+            r.budget_exhausted.with_label_values(&[route]),
+        )
+    }
+
+    /// The circuit-state gauge of a route.
+    pub fn circuit_state(&self, route: &str) -> IntGauge {
+        self.resilience.circuit_state.with_label_values(&[route])
     }
 
     /// The shed counter and in-flight gauge of a route with a concurrency limit.

@@ -155,7 +155,7 @@ impl Service<Request<UpstreamBody>> for Upstream {
     type Response = Result<Response<Incoming>, ProxyError>;
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
-        send(cx.active, cx.route, req, cx.finish).await
+        send(cx.active, cx.route, req, cx.finish, cx.try_limit).await
     }
 }
 
@@ -164,11 +164,13 @@ async fn send(
     route: &RouteRuntime,
     mut req: Request<UpstreamBody>,
     finish: &mut Finish,
+    try_limit: Option<std::time::Duration>,
 ) -> Result<Response<Incoming>, ProxyError> {
     frame(&mut req);
     let sent_at = Instant::now();
-    let timeout_ms = route.timeout.as_millis() as u64;
-    let mut resp = match tokio::time::timeout(route.timeout, active.client.send(req)).await {
+    let limit = try_limit.unwrap_or(route.timeout);
+    let timeout_ms = limit.as_millis() as u64;
+    let mut resp = match tokio::time::timeout(limit, active.client.send(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
         Ok(Err(SendError::Connect(e))) => return Err(ProxyError::UpstreamUnavailable(e)),
         Ok(Err(SendError::Http(e))) => return Err(classify(&e, route)),

@@ -41,6 +41,10 @@ pub struct Cx<'a> {
     pub finish: &'a mut Finish,
     /// Why the request's path is refused, when it is (it then matched no route).
     pub bad_path: Option<PathError>,
+    /// How long the current try to the app may wait for its response headers, when a retry
+    /// policy shortened the route's timeout for it (`perTryTimeout`, or what is left of the
+    /// route's timeout after earlier tries).
+    pub try_limit: Option<std::time::Duration>,
 }
 
 /// One layer of the pipeline, or the service at its bottom.

@@ -17,12 +17,14 @@ use crate::{
     body::ProxyBody,
     headers::{Raw, RequestHeaders, X_REQUEST_ID},
     layers::{
+        breaker::CircuitBreak,
         cache::Cache,
         compress::{Compress, compress_streaming},
         concurrency::ConcurrencyLimit,
         path::RefuseBadPath,
         ratelimit::RateLimit,
         request_headers::SetRequestHeaders,
+        retry::Retry,
     },
     outbound::{Forward, Upstream},
     pipeline::{Cx, Service},
@@ -53,6 +55,11 @@ pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>
         .layer(layer_fn(SetRequestHeaders))
         // Only what goes to the app takes a maxInFlight slot; hits never do.
         .layer(layer_fn(ConcurrencyLimit))
+        // A failed try is tried again within the route's timeout and retry budget; below the
+        // slot, so a request and its retries hold one.
+        .layer(layer_fn(Retry))
+        // Every try (retries too) is admitted and counted by the circuit breaker.
+        .layer(layer_fn(CircuitBreak))
         // The app: framing, the route's timeout, the pooled connection, upstream metrics.
         .service(Upstream)
 }
@@ -85,8 +92,16 @@ impl Proxy {
             req.uri().path_and_query().cloned()
         });
         let route = &active.routes[index];
-        let mut cx =
-            Cx { active: &active, route, route_index: index, peer, id: &id, finish: &mut finish, bad_path };
+        let mut cx = Cx {
+            active: &active,
+            route,
+            route_index: index,
+            peer,
+            id: &id,
+            finish: &mut finish,
+            bad_path,
+            try_limit: None,
+        };
         let mut resp = stack().call(req, &mut cx).await;
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         finish.status = resp.status().as_u16();

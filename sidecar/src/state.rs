@@ -23,6 +23,7 @@ use crate::{
     metrics::{CacheLookups, Metrics, RouteMetrics},
     ratelimit::RouteLimiter,
     redis_client::Redis,
+    resilience::{Breaker, RetryBudget},
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
     upstream::{Upstream, UpstreamPool},
@@ -133,6 +134,10 @@ pub struct RouteRuntime {
     pub compression_bytes: (IntCounter, IntCounter),
     /// `requestHeaders`.
     pub request_headers: Option<HeaderRules>,
+    /// `retry`, with its budget.
+    pub retry: Option<RetryBudget>,
+    /// `circuitBreaker`.
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 /// A route's cap on requests in flight. The count carries over a reload that keeps the route,
@@ -222,6 +227,21 @@ impl Active {
                             global.map(|store| (store, format!("{scope}/{}", r.name))),
                             settings.clock.clone(),
                         )
+                    }),
+                    retry: r.retry.as_ref().map(|c| {
+                        RetryBudget::new(c.clone(), settings.clock.clone(), metrics.retries(&r.name))
+                    }),
+                    // A breaker carries over a reload that keeps its settings: an open circuit
+                    // stays open.
+                    breaker: r.circuit_breaker.as_ref().map(|c| {
+                        match prior.and_then(|p| p.breaker.as_ref()).filter(|b| b.config() == c) {
+                            Some(b) => b.clone(),
+                            None => Arc::new(Breaker::new(
+                                c.clone(),
+                                settings.clock.clone(),
+                                metrics.circuit_state(&r.name),
+                            )),
+                        }
                     }),
                     concurrency: r.max_in_flight.map(|max| {
                         let (shed, gauge) = metrics.shedding(&r.name);

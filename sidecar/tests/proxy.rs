@@ -6,6 +6,7 @@ mod caching;
 mod global;
 mod lane;
 mod limits;
+mod resilience;
 mod slos;
 mod support;
 

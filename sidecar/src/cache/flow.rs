@@ -573,8 +573,16 @@ fn spawn_revalidation<U: ToApp>(upstream: U, cx: &Cx<'_>, key: CacheKey, parts: 
         };
         let client_headers = parts.headers.clone();
         let mut finish = Finish::background(active.clone(), route_index);
-        let mut cx =
-            Cx { active: &active, route, route_index, peer, id: &id, finish: &mut finish, bad_path: None };
+        let mut cx = Cx {
+            active: &active,
+            route,
+            route_index,
+            peer,
+            id: &id,
+            finish: &mut finish,
+            bad_path: None,
+            try_limit: None,
+        };
         let (_, outcome) = fill(
             &upstream,
             config,

@@ -27,7 +27,9 @@ pub fn wanted(range: &[u8], len: u64) -> Wanted {
     let mut specs = spec.split(',').map(str::trim).filter(|s| !s.is_empty());
     let (Some(one), None) = (specs.next(), specs.next()) else { return Wanted::Whole };
     let Some((first, last)) = one.split_once('-') else { return Wanted::Whole };
-    let number = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten()
+    };
     match (first.trim(), last.trim()) {
         ("", suffix) => match number(suffix) {
             None => Wanted::Whole,
@@ -103,7 +105,9 @@ mod tests {
         assert_eq!(w("bytes=9999-"), Wanted::Unsatisfiable);
         assert_eq!(w("bytes=-0"), Wanted::Unsatisfiable);
         // Ignored: several ranges, another unit, nonsense, a last before the first.
-        for ignored in ["bytes=0-1,3-4", "items=0-1", "bytes=a-b", "bytes=5-2", "bytes=", "bytes=-", "0-4", "bytes=+1-2"] {
+        for ignored in
+            ["bytes=0-1,3-4", "items=0-1", "bytes=a-b", "bytes=5-2", "bytes=", "bytes=-", "0-4", "bytes=+1-2"]
+        {
             assert_eq!(w(ignored), Wanted::Whole, "{ignored}");
         }
     }

@@ -1,0 +1,299 @@
+//! Retries, the retry budget and the circuit breaker, against a programmable app over real
+//! sockets.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use apipolicy_sidecar::server::{Handle, start};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+/// What the app answers its `n`th request (from 1): a status, a delay, and a `Retry-After`.
+type Script = Arc<dyn Fn(u64) -> (u16, u64, Option<&'static str>) + Send + Sync>;
+
+/// An app that answers by a script, counts its requests, and echoes the request body.
+struct App {
+    addr: std::net::SocketAddr,
+    seen: Arc<AtomicU64>,
+}
+
+impl App {
+    async fn start(script: Script) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (count, script) = (count.clone(), script.clone());
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                    let (status, delay_ms, retry_after) = script(n);
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        let mut resp = Response::new(full(Bytes::from(format!(
+                            "{n}:{}",
+                            String::from_utf8_lossy(&body)
+                        ))));
+                        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                        if let Some(ra) = retry_after {
+                            resp.headers_mut().insert("retry-after", ra.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned(),
+                );
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn sidecar_for(app_url: &str, dir: &TempDir, routes: &str) -> Handle {
+    let path = dir.file("policy.yaml", &policy(routes));
+    start(options(path, app_url)).await.unwrap()
+}
+
+async fn metrics(c: &HttpClient, sc: &Handle) -> String {
+    let (_, _, body) = get(c, format!("http://{}/metrics", sc.admin_addr)).await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// A flaky app (every third request fails) gets every request answered through retries, and
+/// the retries add about what failed, within the budget's ratio.
+#[tokio::test]
+async fn a_flaky_app_is_made_whole_by_retries_within_the_budget() {
+    let app = App::start(Arc::new(|n| (if n % 3 == 0 { 503 } else { 200 }, 0, None))).await;
+    let dir = TempDir::new("retry-flaky");
+    let routes = "  - name: api
+    match: {path: {prefix: /}}
+    retry: {attempts: 3, backoff: {base: 1ms, max: 2ms}, budget: {ratio: 0.5, minPerSecond: 1, ttl: 10s}}
+";
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let c = client();
+    let sent = 300u64;
+    let mut ok = 0;
+    for i in 0..sent {
+        let (status, _, _) = get(&c, format!("http://{}/items/{i}", sc.proxy_addr)).await;
+        ok += u64::from(status == StatusCode::OK);
+    }
+    let extra = app.seen() - sent;
+    println!(
+        "flaky app: {ok}/{sent} answered 200; the app saw {} requests ({extra} retries, {:.1} % extra)",
+        app.seen(),
+        extra as f64 * 100.0 / sent as f64
+    );
+    assert!(ok * 100 >= sent * 99, "{ok} of {sent} succeeded");
+    assert!(extra <= sent / 2 + 10, "{extra} retries for {sent} requests: past the budget");
+    let m = metrics(&c, &sc).await;
+    let retried = metric(&m, r#"apipolicy_retries_total{result="success",route="api"}"#).unwrap();
+    assert_eq!(retried as u64, extra, "each retry made a request whole");
+}
+
+/// A dead app (always 503) sees at most the budget's share of retries on top of the
+/// requests: no retry storm.
+#[tokio::test]
+async fn a_dead_app_sees_no_retry_storm() {
+    let app = App::start(Arc::new(|_| (503, 0, None))).await;
+    let dir = TempDir::new("retry-dead");
+    let routes = "  - name: api
+    match: {path: {prefix: /}}
+    retry: {attempts: 5, backoff: {base: 1ms, max: 1ms}, budget: {ratio: 0.2, minPerSecond: 1, ttl: 10s}}
+";
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let c = client();
+    let sent = 200u64;
+    for i in 0..sent {
+        let (status, _, _) = get(&c, format!("http://{}/x/{i}", sc.proxy_addr)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let extra = app.seen() - sent;
+    println!("dead app: {sent} requests, {extra} retries ({:.1} %)", extra as f64 * 100.0 / sent as f64);
+    // 20 % of the requests plus 1/s over 10 s; without the budget it would be 4 × 200.
+    assert!(extra <= sent / 5 + 10, "{extra} retries");
+    assert!(extra >= sent / 5, "the budget was used: {extra}");
+    let m = metrics(&c, &sc).await;
+    assert!(metric(&m, r#"apipolicy_retry_budget_exhausted_total{route="api"}"#).unwrap() > 100.0);
+}
+
+/// Only requests that may be sent twice are: POST is not, unless it has an Idempotency-Key;
+/// a PUT's body is sent again whole.
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_and_bodies_are_replayed() {
+    let app = App::start(Arc::new(|n| (if n % 2 == 1 { 502 } else { 200 }, 0, None))).await;
+    let dir = TempDir::new("retry-idem");
+    let routes = "  - name: api
+    match: {path: {prefix: /}}
+    retry: {attempts: 2, backoff: {base: 1ms, max: 1ms}}
+";
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let c = client();
+    let url = format!("http://{}/orders", sc.proxy_addr);
+    let post = |key: Option<&str>| {
+        let mut b = Request::post(url.clone());
+        if let Some(k) = key {
+            b = b.header("idempotency-key", k);
+        }
+        b.body(full("order-1")).unwrap()
+    };
+    let (status, _, _) = send(&c, post(None)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "a POST is never sent twice");
+    assert_eq!(app.seen(), 1);
+    // n=2 succeeds: resync so the next request's first try fails again.
+    let _ = send(&c, Request::get(url.clone()).body(empty()).unwrap()).await;
+    assert_eq!(app.seen(), 2);
+    let (status, _, body) = send(&c, post(Some("k-1"))).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"4:order-1"[..]), "retried with the same body");
+    let (status, _, body) = send(&c, Request::put(url.clone()).body(full("v2")).unwrap()).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"6:v2"[..]));
+}
+
+/// A try that runs past perTryTimeout is tried again, and the route's timeout bounds all
+/// tries together.
+#[tokio::test]
+async fn slow_tries_are_cut_and_the_route_timeout_bounds_them_all() {
+    let app = App::start(Arc::new(|n| (200, if n == 1 { 2_000 } else { 0 }, None))).await;
+    let dir = TempDir::new("retry-slow");
+    let routes = "  - name: api
+    match: {path: {prefix: /}}
+    timeout: 1s
+    retry: {attempts: 3, on: [timeout], perTryTimeout: 200ms, backoff: {base: 1ms, max: 1ms}}
+";
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let c = client();
+    let started = Instant::now();
+    let (status, _, body) = get(&c, format!("http://{}/a", sc.proxy_addr)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"2:"[..]));
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    // Every try slow: three tries of 200 ms, well within the second.
+    let app = App::start(Arc::new(|_| (200, 2_000, None))).await;
+    let dir = TempDir::new("retry-slow-all");
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let started = Instant::now();
+    let (status, _, _) = get(&c, format!("http://{}/b", sc.proxy_addr)).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(app.seen(), 3);
+    assert!(started.elapsed() < Duration::from_millis(1_000), "{:?}", started.elapsed());
+}
+
+/// The app's Retry-After is a floor for the wait; one past the route's timeout means no retry.
+#[tokio::test]
+async fn retry_after_is_a_floor() {
+    let app = App::start(Arc::new(|n| (if n == 1 { 503 } else { 200 }, 0, Some("1")))).await;
+    let dir = TempDir::new("retry-after");
+    let routes = "  - name: api
+    match: {path: {prefix: /patient}}
+    timeout: 3s
+    retry: {backoff: {base: 1ms, max: 1ms}}
+  - name: hasty
+    match: {path: {prefix: /hasty}}
+    timeout: 500ms
+    retry: {backoff: {base: 1ms, max: 1ms}}
+";
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let c = client();
+    let started = Instant::now();
+    let (status, _, _) = get(&c, format!("http://{}/patient", sc.proxy_addr)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited {:?}", started.elapsed());
+    let app = App::start(Arc::new(|_| (503, 0, Some("1")))).await;
+    let dir = TempDir::new("retry-after-hasty");
+    let sc = sidecar_for(&app.url(), &dir, routes).await;
+    let (status, _, _) = get(&c, format!("http://{}/hasty", sc.proxy_addr)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.seen(), 1, "a wait past the route's timeout is no retry");
+}
+
+/// A dead app opens the circuit after consecutiveFailures: requests then fail at once
+/// without reaching it; after openFor one probe goes through, and its success closes it.
+#[tokio::test]
+async fn a_dead_app_opens_the_circuit_and_a_probe_closes_it() {
+    let up = Upstream::start().await;
+    up.failing.store(true, Ordering::SeqCst);
+    let dir = TempDir::new("breaker");
+    let routes = "  - name: api
+    match: {path: {prefix: /app}}
+    circuitBreaker: {consecutiveFailures: 3, openFor: 5s, halfOpenRequests: 1}
+";
+    let sc = sidecar_for(&up.url(), &dir, routes).await;
+    let c = client();
+    let url = format!("http://{}/app/b", sc.proxy_addr);
+    for _ in 0..3 {
+        assert_eq!(get(&c, url.clone()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(up.hits("/app/b"), 3);
+    let (status, headers, body) = get(&c, url.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "https://apipolicy.dev/problems/circuit-open");
+    assert_eq!(headers["retry-after"], "5");
+    assert_eq!(up.hits("/app/b"), 3, "an open circuit keeps requests off the app");
+    let m = metrics(&c, &sc).await;
+    assert_eq!(metric(&m, r#"apipolicy_circuit_state{route="api"}"#), Some(2.0));
+    // Healthy again; after openFor a probe goes through and closes the circuit.
+    up.failing.store(false, Ordering::SeqCst);
+    sc.sidecar.settings.clock.advance(Duration::from_millis(5_100));
+    assert_eq!(get(&c, url.clone()).await.0, StatusCode::OK);
+    assert_eq!(get(&c, url.clone()).await.0, StatusCode::OK);
+    assert_eq!(up.hits("/app/b"), 5);
+    let m = metrics(&c, &sc).await;
+    assert_eq!(metric(&m, r#"apipolicy_circuit_state{route="api"}"#), Some(0.0));
+}
+
+/// While the circuit is open a cached route answers with its stale entry (within
+/// staleIfError) instead of the 503.
+#[tokio::test]
+async fn an_open_circuit_serves_stale_from_the_cache() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("breaker-stale");
+    let routes = "  - name: api
+    match: {path: {prefix: /app}}
+    cache: {maxAge: 1s, staleIfError: 1h}
+    circuitBreaker: {consecutiveFailures: 1, openFor: 30s}
+";
+    let sc = sidecar_for(&up.url(), &dir, routes).await;
+    let c = client();
+    let url = format!("http://{}/app/s", sc.proxy_addr);
+    let (status, _, first) = get(&c, url.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    up.failing.store(true, Ordering::SeqCst);
+    sc.sidecar.settings.clock.advance(Duration::from_secs(2));
+    // The fill fails (and opens the circuit): stale-if-error answers.
+    let (status, headers, body) = get(&c, url.clone()).await;
+    assert_eq!((status, body.clone()), (StatusCode::OK, first.clone()));
+    assert!(headers["cache-status"].to_str().unwrap().contains("stale-if-error"));
+    let hits = up.hits("/app/s");
+    // Open now: the stale entry again, and the app is not asked.
+    let (status, _, body) = get(&c, url.clone()).await;
+    assert_eq!((status, body), (StatusCode::OK, first));
+    assert_eq!(up.hits("/app/s"), hits);
+}
