@@ -144,6 +144,8 @@ pub struct RouteConfig {
     pub compression: Option<CompressionConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConfig>,
     #[serde(default = "stream_idle_timeout_default", skip_serializing_if = "is_stream_idle_timeout_default")]
     pub stream_idle_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +199,17 @@ impl RetryOn {
             },
         })
     }
+}
+
+/// `concurrencyLimit.adaptive`, with its defaults filled in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptiveConfig {
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub sample_window_ms: u64,
+    /// `latencyTolerance` in thousandths.
+    pub tolerance_permille: u32,
 }
 
 /// `circuitBreaker`, with its defaults filled in.
@@ -673,7 +686,16 @@ fn route(name: String, matches: MatchConfig, s: &RouteSettings, upstream_timeout
                 c.content_types.iter().map(|s| s.to_ascii_lowercase()).collect()
             },
         }),
-        max_in_flight: s.concurrency_limit.as_ref().map(|c| c.max_in_flight),
+        max_in_flight: s.concurrency_limit.as_ref().and_then(|c| c.max_in_flight),
+        adaptive_concurrency: s.concurrency_limit.as_ref().and_then(|c| c.adaptive.as_ref()).map(|a| {
+            let min_limit = a.min_limit.unwrap_or(1);
+            AdaptiveConfig {
+                min_limit,
+                max_limit: a.max_limit.unwrap_or(1000).max(min_limit),
+                sample_window_ms: a.sample_window.as_ref().map_or(250, |d| d.as_millis()),
+                tolerance_permille: a.latency_tolerance.map_or(1500, |t| (t * 1000.0).round() as u32),
+            }
+        }),
         stream_idle_timeout_ms: s
             .stream_idle_timeout
             .as_ref()

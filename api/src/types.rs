@@ -654,14 +654,43 @@ impl Encoding {
     }
 }
 
-/// A cap on concurrent requests to the app.
+/// A cap on concurrent requests to the app: fixed (`maxInFlight`) or adaptive. Requests over
+/// it get 503 with `Retry-After` at once: nothing queues.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConcurrencyLimit {
-    /// Requests of the route in flight at once, per pod. Requests over it get 503 with
-    /// `Retry-After` at once: nothing queues.
+    /// Requests of the route in flight at once, per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub max_in_flight: u32,
+    pub max_in_flight: Option<u32>,
+    /// A limit that follows the app's latency instead (a gradient limiter, as Envoy's adaptive
+    /// concurrency filter and Netflix's concurrency-limits): the lowest average latency seen
+    /// is the app's ideal; each `sampleWindow` the limit grows while the sampled latency stays
+    /// within `latencyTolerance` × ideal, and shrinks by their ratio (at most by half) when it
+    /// does not. Give this or `maxInFlight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveConcurrency>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptiveConcurrency {
+    /// The limit never goes below this (and starts here). Default: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_limit: Option<u32>,
+    /// Nor above this. Default: 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_limit: Option<u32>,
+    /// How often the limit moves, from 10ms to 1m. Default: 250ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_window: Option<Duration>,
+    /// How much slower than its ideal the app may answer before the limit shrinks, as a
+    /// factor from 1 to 10. Default: 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub latency_tolerance: Option<f64>,
 }
 
 /// Retries of failed tries to the app (as Envoy's retry policy), bounded by a budget (as

@@ -545,13 +545,8 @@ impl Ctx<'_> {
                 }
             }
         }
-        if let Some(cl) = &s.concurrency_limit
-            && !(1..=1_000_000).contains(&cl.max_in_flight)
-        {
-            p.add(
-                format!("{at}.concurrencyLimit.maxInFlight"),
-                format!("{} is out of range: use 1 to 1000000", cl.max_in_flight),
-            );
+        if let Some(cl) = &s.concurrency_limit {
+            concurrency(p, &format!("{at}.concurrencyLimit"), cl);
         }
         if let Some(size) = &s.max_request_body {
             p.size(&format!("{at}.maxRequestBody"), size, 1, 64 * 1024 * MIB);
@@ -702,6 +697,33 @@ const UNCHANGEABLE_HEADERS: [&str; 14] = [
 fn unchangeable(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     UNCHANGEABLE_HEADERS.contains(&name.as_str()) || name.starts_with("x-forwarded-")
+}
+
+fn concurrency(p: &mut Problems, at: &str, cl: &crate::ConcurrencyLimit) {
+    match (cl.max_in_flight, &cl.adaptive) {
+        (Some(_), Some(_)) => p.add(at.to_owned(), "give maxInFlight (a fixed limit) or adaptive, not both"),
+        (None, None) => p.add(at.to_owned(), "give maxInFlight (a fixed limit) or adaptive"),
+        (Some(max), None) if !(1..=1_000_000).contains(&max) => {
+            p.add(format!("{at}.maxInFlight"), format!("{max} is out of range: use 1 to 1000000"))
+        }
+        _ => {}
+    }
+    if let Some(a) = &cl.adaptive {
+        if let (Some(min), Some(max)) = (a.min_limit, a.max_limit)
+            && min > max
+        {
+            p.add(format!("{at}.adaptive.maxLimit"), format!("{max} is below minLimit {min}"));
+        }
+        if let Some(t) = a.latency_tolerance
+            && !(1.0..=10.0).contains(&t)
+        {
+            p.add(
+                format!("{at}.adaptive.latencyTolerance"),
+                format!("{t} is out of range: a factor from 1 to 10"),
+            );
+        }
+        p.duration_opt(&format!("{at}.adaptive.sampleWindow"), a.sample_window.as_ref(), 10, 60_000);
+    }
 }
 
 fn retry(p: &mut Problems, at: &str, r: &crate::Retry, timeout: Option<&Duration>) {

@@ -454,6 +454,24 @@ fn cases() -> Vec<Case> {
             "obeyed when no targeted",
         ),
         case(
+            "/spec/routes/0/concurrencyLimit",
+            json!({}),
+            "spec.routes[0].concurrencyLimit",
+            "give maxInFlight",
+        ),
+        case(
+            "/spec/routes/0/concurrencyLimit",
+            json!({"maxInFlight": 5, "adaptive": {}}),
+            "spec.routes[0].concurrencyLimit",
+            "not both",
+        ),
+        case(
+            "/spec/routes/0/concurrencyLimit",
+            json!({"adaptive": {"minLimit": 10, "maxLimit": 5}}),
+            "spec.routes[0].concurrencyLimit.adaptive.maxLimit",
+            "below minLimit",
+        ),
+        case(
             "/spec/routes/0/cache/statuses",
             json!([206]),
             "spec.routes[0].cache.statuses[0]",

@@ -50,6 +50,7 @@ struct ResilienceMetrics {
     retries: IntCounterVec,
     budget_exhausted: IntCounterVec,
     circuit_state: IntGaugeVec,
+    concurrency_limit: IntGaugeVec,
 }
 
 impl ResilienceMetrics {
@@ -78,14 +79,23 @@ impl ResilienceMetrics {
             &["route"],
         )
         .expect("valid metric");
+        let concurrency_limit = IntGaugeVec::new(
+            Opts::new(
+                "apipolicy_concurrency_limit",
+                "The route's adaptive concurrency limit now: requests it lets in flight to the app.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(retries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(budget_exhausted.clone()),
             Box::new(circuit_state.clone()),
+            Box::new(concurrency_limit.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { retries, budget_exhausted, circuit_state }
+        Self { retries, budget_exhausted, circuit_state, concurrency_limit }
     }
 }
 
@@ -402,6 +412,11 @@ impl Metrics {
             r.retries.with_label_values(&[route, "failure"]),
             r.budget_exhausted.with_label_values(&[route]),
         )
+    }
+
+    /// The adaptive concurrency limit gauge of a route.
+    pub fn concurrency_limit(&self, route: &str) -> IntGauge {
+        self.resilience.concurrency_limit.with_label_values(&[route])
     }
 
     /// The circuit-state gauge of a route.

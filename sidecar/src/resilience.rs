@@ -4,7 +4,9 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use apipolicy_api::{CircuitBreakerConfig, RetryConfig};
+use std::time::Duration;
+
+use apipolicy_api::{AdaptiveConfig, CircuitBreakerConfig, RetryConfig};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::clock::Clock;
@@ -256,10 +258,105 @@ impl Breaker {
     }
 }
 
+/// An adaptive concurrency limit (a gradient limiter). Each `sampleWindow`, the slowest time
+/// to response headers of the window's requests is compared with the app's ideal (the lowest
+/// window average seen, which the limit's low start measures). While even the slowest stays
+/// within `latencyTolerance` × ideal the limit grows (by its square root while the slowest is
+/// within half the tolerance, by one past that: more in flight is still fast); beyond it, the
+/// limit is scaled by tolerance × ideal / slowest, by at least a tenth and at most a half.
+/// Judging by the slowest request rather than the average is what keeps the tail of admitted
+/// requests, not just their middle, within the tolerance. The ideal drifts a tenth of the way
+/// towards the window's average every 50 windows, so an app that became slower for good is
+/// learnt again.
+pub struct Gradient {
+    config: AdaptiveConfig,
+    clock: Clock,
+    limit: AtomicU32,
+    window_start: AtomicU64,
+    sum_ns: AtomicU64,
+    samples: AtomicU64,
+    slowest_ns: AtomicU64,
+    ideal_ns: AtomicU64,
+    windows: AtomicU64,
+    gauge: IntGauge,
+}
+
+impl Gradient {
+    pub fn new(config: AdaptiveConfig, clock: Clock, gauge: IntGauge) -> Self {
+        gauge.set(i64::from(config.min_limit));
+        Self {
+            limit: AtomicU32::new(config.min_limit),
+            window_start: AtomicU64::new(clock.now_ns()),
+            config,
+            clock,
+            sum_ns: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            slowest_ns: AtomicU64::new(0),
+            ideal_ns: AtomicU64::new(0),
+            windows: AtomicU64::new(0),
+            gauge,
+        }
+    }
+
+    pub fn config(&self) -> &AdaptiveConfig {
+        &self.config
+    }
+
+    /// Requests that may be in flight now.
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The app's ideal latency as learnt so far (zero before the first window).
+    pub fn ideal(&self) -> Duration {
+        Duration::from_nanos(self.ideal_ns.load(Ordering::Relaxed))
+    }
+
+    /// Adds one admitted request's latency; the first sample after a window ends moves the limit.
+    pub fn sample(&self, latency: Duration) {
+        let ns = latency.as_nanos() as u64;
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Relaxed);
+        self.slowest_ns.fetch_max(ns, Ordering::Relaxed);
+        let now = self.clock.now_ns();
+        let start = self.window_start.load(Ordering::Acquire);
+        if now < start + self.config.sample_window_ms * 1_000_000
+            || self.window_start.compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return;
+        }
+        let (sum, n) = (self.sum_ns.swap(0, Ordering::AcqRel), self.samples.swap(0, Ordering::AcqRel));
+        let slowest = self.slowest_ns.swap(0, Ordering::AcqRel);
+        if n == 0 {
+            return;
+        }
+        let average = sum / n;
+        let mut ideal = match self.ideal_ns.load(Ordering::Relaxed) {
+            0 => average,
+            known => known.min(average),
+        };
+        if self.windows.fetch_add(1, Ordering::Relaxed) % 50 == 49 {
+            ideal += (average.saturating_sub(ideal)) / 10;
+        }
+        self.ideal_ns.store(ideal.max(1), Ordering::Relaxed);
+        let limit = f64::from(self.limit());
+        let tolerance = f64::from(self.config.tolerance_permille) / 1000.0;
+        let slowest = slowest.max(1) as f64 / ideal as f64;
+        let next = if slowest <= 1.0 + (tolerance - 1.0) / 2.0 {
+            limit + limit.sqrt().max(1.0)
+        } else if slowest <= tolerance {
+            limit + 1.0
+        } else {
+            (limit * (tolerance / slowest).clamp(0.5, 0.9)).floor()
+        };
+        let next = (next.round() as u32).clamp(self.config.min_limit, self.config.max_limit);
+        self.limit.store(next, Ordering::Relaxed);
+        self.gauge.set(i64::from(next));
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn counter() -> IntCounter {
@@ -354,6 +451,47 @@ mod tests {
         assert_eq!(b.admit(), Ok(Admitted::Probe), "the cancelled probe gave its place back");
         b.record(Admitted::Probe, Some(true));
         assert_eq!(b.admit(), Err(5), "open again, for a whole openFor");
+    }
+
+    fn gradient() -> Gradient {
+        let config =
+            AdaptiveConfig { min_limit: 2, max_limit: 50, sample_window_ms: 100, tolerance_permille: 1500 };
+        Gradient::new(config, Clock::default(), IntGauge::new("l", "l").unwrap())
+    }
+
+    /// One window of samples of `ms` each, ended by the next window's first sample.
+    fn window(g: &Gradient, ms: u64) {
+        for _ in 0..10 {
+            g.sample(Duration::from_millis(ms));
+        }
+        g.clock.advance(Duration::from_millis(101));
+    }
+
+    #[test]
+    fn the_limit_grows_while_fast_and_shrinks_when_slow() {
+        let g = gradient();
+        window(&g, 20);
+        g.sample(Duration::from_millis(20));
+        assert_eq!(g.ideal(), Duration::from_millis(20));
+        assert_eq!(g.limit(), 3, "2 + √2");
+        for _ in 0..10 {
+            window(&g, 25);
+        }
+        assert!(g.limit() > 12, "within 1.5 × ideal it keeps growing: {}", g.limit());
+        // Its first sample closes the last fast window.
+        window(&g, 60);
+        let high = g.limit();
+        g.sample(Duration::from_millis(60));
+        assert_eq!(g.limit(), (f64::from(high) * 0.5).floor() as u32, "1.5 × 20 / 60 = 0.5");
+        for _ in 0..20 {
+            window(&g, 200);
+        }
+        assert_eq!(g.limit(), 2, "never below minLimit");
+        assert_eq!(g.ideal(), Duration::from_millis(20), "the ideal is the lowest average seen");
+        for _ in 0..40 {
+            window(&g, 1);
+        }
+        assert_eq!(g.limit(), 50, "never above maxLimit");
     }
 
     #[test]

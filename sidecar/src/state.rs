@@ -23,7 +23,7 @@ use crate::{
     metrics::{CacheLookups, Metrics, RouteMetrics},
     ratelimit::RouteLimiter,
     redis_client::Redis,
-    resilience::{Breaker, RetryBudget},
+    resilience::{Breaker, Gradient, RetryBudget},
     routes::{Router, RouterError},
     slo::{Slos, Tracker},
     upstream::{Upstream, UpstreamPool},
@@ -144,6 +144,8 @@ pub struct RouteRuntime {
 /// so a reload cannot let twice the cap through.
 pub struct Concurrency {
     max: u32,
+    /// An adaptive limit's state (`max` is then its ceiling).
+    pub adaptive: Option<Arc<Gradient>>,
     count: Arc<AtomicU32>,
     gauge: IntGauge,
     shed: IntCounter,
@@ -152,10 +154,11 @@ pub struct Concurrency {
 impl Concurrency {
     /// Takes a slot, or refuses at once: nothing queues.
     pub fn admit(&self) -> Result<(), ProxyError> {
-        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+        let max = self.adaptive.as_ref().map_or(self.max, |g| g.limit());
+        if self.count.fetch_add(1, Ordering::AcqRel) >= max {
             self.count.fetch_sub(1, Ordering::AcqRel);
             self.shed.inc();
-            return Err(ProxyError::Overloaded { max_in_flight: self.max });
+            return Err(ProxyError::Overloaded { max_in_flight: max });
         }
         self.gauge.inc();
         Ok(())
@@ -243,13 +246,28 @@ impl Active {
                             )),
                         }
                     }),
-                    concurrency: r.max_in_flight.map(|max| {
-                        let (shed, gauge) = metrics.shedding(&r.name);
-                        let count = prior
-                            .and_then(|p| p.concurrency.as_ref())
-                            .map_or_else(|| Arc::new(AtomicU32::new(0)), |c| c.count.clone());
-                        Concurrency { max, count, gauge, shed }
-                    }),
+                    concurrency: r
+                        .max_in_flight
+                        .or(r.adaptive_concurrency.as_ref().map(|a| a.max_limit))
+                        .map(|max| {
+                            let (shed, gauge) = metrics.shedding(&r.name);
+                            let prior = prior.and_then(|p| p.concurrency.as_ref());
+                            let count =
+                                prior.map_or_else(|| Arc::new(AtomicU32::new(0)), |c| c.count.clone());
+                            // A limit that learnt the app's latency keeps it over a reload with the
+                            // same settings.
+                            let adaptive = r.adaptive_concurrency.as_ref().map(|a| {
+                                match prior.and_then(|c| c.adaptive.as_ref()).filter(|g| g.config() == a) {
+                                    Some(g) => g.clone(),
+                                    None => Arc::new(Gradient::new(
+                                        a.clone(),
+                                        settings.clock.clone(),
+                                        metrics.concurrency_limit(&r.name),
+                                    )),
+                                }
+                            });
+                            Concurrency { max, adaptive, count, gauge, shed }
+                        }),
                 }
             })
             .collect();

@@ -1,5 +1,7 @@
-//! The route's `maxInFlight`: only what goes to the app takes a slot (cache hits never do, so
-//! a burst of hits is never shed), held until the response ends; past the limit, 503 at once.
+//! The route's `concurrencyLimit`: only what goes to the app takes a slot (cache hits never
+//! do, so a burst of hits is never shed), held until the response ends; past the limit, 503 at
+//! once. An adaptive limit learns from the time each admitted request took to get its
+//! response headers (its retries included: that is what the slot was held for).
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -20,10 +22,16 @@ where
     type Response = Result<Response<Incoming>, ProxyError>;
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
-        if let Some(c) = &cx.route.concurrency {
-            c.admit()?;
-            cx.finish.holds_slot = true;
+        let Some(c) = &cx.route.concurrency else { return self.0.call(req, cx).await };
+        c.admit()?;
+        cx.finish.holds_slot = true;
+        let Some(gradient) = &c.adaptive else { return self.0.call(req, cx).await };
+        let started = std::time::Instant::now();
+        let outcome = self.0.call(req, cx).await;
+        // A refusal made here or below (an open circuit) says nothing of the app's latency.
+        if !matches!(&outcome, Err(e) if e.is_policy() || matches!(e, ProxyError::CircuitOpen { .. })) {
+            gradient.sample(started.elapsed());
         }
-        self.0.call(req, cx).await
+        outcome
     }
 }

@@ -297,3 +297,99 @@ async fn an_open_circuit_serves_stale_from_the_cache() {
     assert_eq!((status, body), (StatusCode::OK, first));
     assert_eq!(up.hits("/app/s"), hits);
 }
+
+/// An app that serves 4 requests at a time (20 ms each; the rest wait their turn), under 40
+/// concurrent clients (10× what it can take): the adaptive limit keeps the latency of what it
+/// admits near the app's ideal and sheds the rest at once.
+#[tokio::test]
+async fn an_adaptive_limit_keeps_admitted_latency_near_the_ideal() {
+    let capacity = Arc::new(tokio::sync::Semaphore::new(4));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let capacity = capacity.clone();
+            let service = service_fn(move |_req: Request<Incoming>| {
+                let capacity = capacity.clone();
+                async move {
+                    let _turn = capacity.acquire().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, Infallible>(Response::new(full("done")))
+                }
+            });
+            tokio::spawn(
+                auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+        }
+    });
+    let dir = TempDir::new("adaptive");
+    let routes = "  - name: api
+    match: {path: {prefix: /}}
+    concurrencyLimit: {adaptive: {minLimit: 1, maxLimit: 100, sampleWindow: 100ms, latencyTolerance: 2}}
+";
+    let sc = sidecar_for(&format!("http://{addr}"), &dir, routes).await;
+    let url = format!("http://{}/work", sc.proxy_addr);
+    // The ideal: one request at a time.
+    let c = client();
+    let mut alone = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        assert_eq!(get(&c, url.clone()).await.0, StatusCode::OK);
+        alone.push(t.elapsed());
+    }
+    alone.sort();
+    let ideal = alone[5];
+    // 40 clients for 2.5 s; the first second is the limit's to learn.
+    let started = Instant::now();
+    let workers: Vec<_> = (0..40)
+        .map(|_| {
+            let (c, url) = (client(), url.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while started.elapsed() < Duration::from_millis(2_500) {
+                    let t = Instant::now();
+                    let (status, _, _) = get(&c, url.clone()).await;
+                    seen.push((t.duration_since(started), status, t.elapsed()));
+                    if status != StatusCode::OK {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    let mut shed = 0;
+    for w in workers {
+        for (at, status, took) in w.await.unwrap() {
+            if at < Duration::from_secs(1) {
+                continue;
+            }
+            match status {
+                StatusCode::OK => admitted.push(took),
+                StatusCode::SERVICE_UNAVAILABLE => shed += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    admitted.sort();
+    let p99 = admitted[admitted.len() * 99 / 100];
+    let m = metrics(&c, &sc).await;
+    let limit = metric(&m, r#"apipolicy_concurrency_limit{route="api"}"#).unwrap();
+    println!(
+        "adaptive: ideal {ideal:?}, {} admitted (p50 {:?}, p99 {p99:?}), {shed} shed, limit now {limit}",
+        admitted.len(),
+        admitted[admitted.len() / 2]
+    );
+    assert!(
+        shed > admitted.len(),
+        "most of 10× the capacity is shed: {shed} shed, {} admitted",
+        admitted.len()
+    );
+    assert!(admitted.len() > 100, "the app is kept busy: {}", admitted.len());
+    // Within the tolerance of the ideal (and a few ms for scheduling on a busy 2-core machine).
+    assert!(p99 <= ideal.mul_f64(2.0) + Duration::from_millis(10), "p99 {p99:?} against ideal {ideal:?}");
+}
