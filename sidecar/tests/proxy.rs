@@ -7,6 +7,7 @@ mod global;
 mod lane;
 mod limits;
 mod resilience;
+mod rfc9111;
 mod slos;
 mod support;
 

@@ -121,8 +121,10 @@ fn param(req: &Request<Incoming>, key: &str) -> Option<String> {
 
 /// A controllable app for the cache tests. Query parameters say what to answer with: `cc`
 /// (Cache-Control), `etag` (answering 304 to a matching If-None-Match), `lm`
-/// (Last-Modified), `status`, `ms` (a delay), `cookie`, `skey` (Surrogate-Key), `vary`,
-/// `ct` (Content-Type), `size` (padding), `location`. The body tells how many requests
+/// (Last-Modified, answering 304 to an equal If-Modified-Since when there is no etag),
+/// `status`, `ms` (a delay), `cookie`, `skey` (Surrogate-Key), `vary`, `ct` (Content-Type),
+/// `size` (padding), `location`, `exp` (Expires), `age`, `cdn` (CDN-Cache-Control), `sc`
+/// (Surrogate-Control), `extra` (`X-Extra: <extra>-<n>`, on 304s too). The body tells how many requests
 /// the path has had and what the app saw of a few headers.
 async fn app(
     req: Request<Incoming>,
@@ -145,15 +147,24 @@ async fn app(
         return r;
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if let Some(etag) = param(&req, "etag")
-        && header("if-none-match").is_some_and(|inm| inm.contains(&etag))
-    {
+    let etag_matches = param(&req, "etag")
+        .is_some_and(|etag| header("if-none-match").is_some_and(|inm| inm.contains(&etag)));
+    let date_matches = param(&req, "etag").is_none()
+        && param(&req, "lm").is_some_and(|lm| header("if-modified-since").is_some_and(|ims| ims == lm));
+    if etag_matches || date_matches {
         let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
-        r.headers_mut().insert("etag", format!("\"{etag}\"").parse().unwrap());
+        if let Some(etag) = param(&req, "etag") {
+            r.headers_mut().insert("etag", format!("\"{etag}\"").parse().unwrap());
+        }
         if let Some(cc) = param(&req, "cc") {
             r.headers_mut().insert("cache-control", cc.parse().unwrap());
         }
+        if let Some(extra) = param(&req, "extra") {
+            r.headers_mut().insert("x-extra", format!("{extra}-{n}").parse().unwrap());
+        }
+        // A 304's length is not the stored body's: it must not replace it.
+        r.headers_mut().insert("content-length", "0".parse().unwrap());
         return r;
     }
     let pad = "x".repeat(param(&req, "size").and_then(|v| v.parse().ok()).unwrap_or(0));
@@ -179,6 +190,10 @@ async fn app(
         ("skey", "surrogate-key"),
         ("vary", "vary"),
         ("location", "location"),
+        ("exp", "expires"),
+        ("age", "age"),
+        ("cdn", "cdn-cache-control"),
+        ("sc", "surrogate-control"),
     ] {
         if let Some(v) = param(&req, p) {
             h.insert(name, v.parse().unwrap());
@@ -186,6 +201,9 @@ async fn app(
     }
     if let Some(etag) = param(&req, "etag") {
         h.insert("etag", format!("\"{etag}\"").parse().unwrap());
+    }
+    if let Some(extra) = param(&req, "extra") {
+        h.insert("x-extra", format!("{extra}-{n}").parse().unwrap());
     }
     r
 }
