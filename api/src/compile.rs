@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     Algorithm, ApiPolicy, CacheMode, Encoding, EscapedSlashes, HeaderMatch, LimitMode, Method, MissingKey,
-    RouteSettings, Scope, StoreFailure, ValidationError,
+    PriorityClass, ProtectAction, ProtectWhen, RouteSettings, Scope, StoreFailure, ValidationError,
     types::{CheckTiming, PathMatch},
     validate::{DEFAULT_ROUTE, validate},
 };
@@ -75,6 +75,8 @@ pub struct CompiledSpec {
     /// In match order; the last one is always `default`, which matches every request.
     pub routes: Vec<RouteConfig>,
     pub slos: Vec<SloConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priorities: Vec<PriorityConfig>,
     pub health_checks: HealthConfig,
     /// Left out of the JSON when it is the default, so that the revisions of policies that
     /// leave it out stay as they were.
@@ -366,6 +368,32 @@ pub struct SloConfig {
     pub indicator: IndicatorConfig,
     /// Route names counted, `default` included when it is counted.
     pub routes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect: Option<ProtectConfig>,
+}
+
+/// `slos[].protect`, with its defaults filled in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectConfig {
+    /// Warning: protect from Warning on; else from Critical only.
+    pub from_warning: bool,
+    pub serve_stale: bool,
+    pub shed_by_priority: bool,
+    /// `TightenLimits`: the share of their rate limits keep, in thousandths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tighten_permille: Option<u32>,
+}
+
+/// `spec.priorities[]`, header names lower-cased.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PriorityConfig {
+    pub sheddable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<(String, Vec<String>)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -508,6 +536,21 @@ pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>
                 None => IndicatorConfig::Availability,
             },
             routes: slo.routes.clone().unwrap_or_else(|| all_routes.clone()),
+            protect: slo.protect.as_ref().map(|p| {
+                let actions = if p.actions.is_empty() {
+                    vec![ProtectAction::ServeStale, ProtectAction::ShedByPriority]
+                } else {
+                    p.actions.clone()
+                };
+                ProtectConfig {
+                    from_warning: p.when == Some(ProtectWhen::Warning),
+                    serve_stale: actions.contains(&ProtectAction::ServeStale),
+                    shed_by_priority: actions.contains(&ProtectAction::ShedByPriority),
+                    tighten_permille: actions
+                        .contains(&ProtectAction::TightenLimits)
+                        .then(|| (p.tighten_to.unwrap_or(0.5) * 1000.0).round() as u32),
+                }
+            }),
         })
         .collect();
 
@@ -562,6 +605,15 @@ pub fn compile(policy: &ApiPolicy) -> Result<SidecarConfig, Vec<ValidationError>
         }),
         routes,
         slos,
+        priorities: s
+            .priorities
+            .iter()
+            .map(|p| PriorityConfig {
+                sheddable: p.class == PriorityClass::Sheddable,
+                header: p.header.as_ref().map(|h| (h.name.to_ascii_lowercase(), h.values.clone())),
+                routes: p.routes.clone(),
+            })
+            .collect(),
         health_checks,
         path_normalization: s.path_normalization.as_ref().map_or_else(
             PathNormalizationConfig::default,

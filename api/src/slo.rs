@@ -129,6 +129,7 @@ impl SloSeries {
             sli: round(sli),
             error_budget_remaining: round(remaining),
             state: state(&rate, remaining),
+            protection: None,
             burn_rates,
             good_requests: whole.good,
             total_requests: whole.total,

@@ -70,6 +70,11 @@ pub struct ApiPolicySpec {
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub slos: Vec<Slo>,
 
+    /// Request classes for SLO protection's `ShedByPriority`, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub priorities: Vec<Priority>,
+
     /// Active health checks of the app and its dependencies, which decide `/readyz`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_checks: Option<HealthChecks>,
@@ -804,6 +809,70 @@ pub struct Slo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     pub routes: Option<Vec<String>>,
+    /// What the routes this SLO counts do while it burns its budget too fast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect: Option<Protect>,
+}
+
+/// SLO-driven protection. It starts when the SLO's multi-window burn rate reaches `when`, as
+/// each sidecar measures it, and lifts once the SLO has stayed below that for a minute.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Protect {
+    /// `Critical` (the page rules) or `Warning` (the ticket rules, and anything worse).
+    /// Default: `Critical`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<ProtectWhen>,
+    /// `ServeStale`: cached routes answer with any stored entry, however stale, instead of
+    /// asking the app. `ShedByPriority`: requests of class `Sheddable` (see
+    /// `spec.priorities`) that would reach the app get 503 at once. `TightenLimits`: rate
+    /// limits allow `tightenTo` of their rate. Default: `[ServeStale, ShedByPriority]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ProtectAction>,
+    /// The share of its rate a limit keeps under `TightenLimits`, above 0 and below 1.
+    /// Default: 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tighten_to: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ProtectWhen {
+    Critical,
+    Warning,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ProtectAction {
+    ServeStale,
+    ShedByPriority,
+    TightenLimits,
+}
+
+/// A class of requests for `ShedByPriority`: requests that match `header` (one of its
+/// values) or come on one of `routes`. The first entry a request matches gives its class;
+/// requests that match none are `Default`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Priority {
+    pub class: PriorityClass,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<PriorityHeader>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub routes: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct PriorityHeader {
+    pub name: String,
+    #[schemars(length(min = 1, max = 32))]
+    pub values: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PriorityClass {
+    Critical,
+    Sheddable,
 }
 
 /// What makes a request good: exactly one of `availability` and `latency`.
@@ -973,6 +1042,9 @@ pub struct SloStatus {
     #[serde(default)]
     pub burn_rates: BTreeMap<String, f64>,
     pub state: SloState,
+    /// `Active since <time>, actions <list>` while the SLO's protection is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<String>,
     pub good_requests: u64,
     pub total_requests: u64,
     /// When these figures were computed (RFC 3339).

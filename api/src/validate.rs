@@ -232,6 +232,43 @@ fn spec(p: &mut Problems, s: &ApiPolicySpec) {
         }
     }
 
+    for (i, prio) in s.priorities.iter().enumerate() {
+        let at = format!("spec.priorities[{i}]");
+        if prio.header.is_none() && prio.routes.is_empty() {
+            p.add(at.clone(), "matches no request: give header, routes, or both");
+        }
+        if let Some(h) = &prio.header
+            && !is_token(&h.name)
+        {
+            p.add(format!("{at}.header.name"), format!("{:?} is not a header name", h.name));
+        }
+        for (k, name) in prio.routes.iter().enumerate() {
+            if name != DEFAULT_ROUTE && !names.contains_key(name.as_str()) {
+                p.add(format!("{at}.routes[{k}]"), format!("there is no route named {name:?}"));
+            }
+        }
+    }
+    for (i, slo) in s.slos.iter().enumerate() {
+        let Some(protect) = &slo.protect else { continue };
+        let at = format!("spec.slos[{i}].protect");
+        if let Some(t) = protect.tighten_to
+            && !(t > 0.0 && t < 1.0)
+        {
+            p.add(
+                format!("{at}.tightenTo"),
+                format!("{t} is out of range: above 0 and below 1 (0.5 halves the rate)"),
+            );
+        }
+        if protect.actions.contains(&crate::ProtectAction::ShedByPriority)
+            && !s.priorities.iter().any(|p| p.class == crate::PriorityClass::Sheddable)
+        {
+            p.add(
+                format!("{at}.actions"),
+                "ShedByPriority sheds requests of class Sheddable, and spec.priorities names none",
+            );
+        }
+    }
+
     if let Some(hc) = &s.health_checks {
         if let Some(up) = &hc.upstream {
             if !up.path.starts_with('/') {

@@ -201,6 +201,7 @@ mod tests {
             window_ms: 30 * 86_400_000,
             indicator: IndicatorConfig::Availability,
             routes: vec![],
+            protect: None,
         }]
     }
 

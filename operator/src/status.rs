@@ -22,6 +22,8 @@ pub const PROGRAMMED: &str = "Programmed";
 /// Present while some of the policy's pods declare the upstream port in a way the injector
 /// cannot take over: it says what to change.
 pub const PORT_UNNAMED: &str = "PortUnnamed";
+/// True while an SLO's `protect` is on (its burn rate reached `protect.when`).
+pub const PROTECTING: &str = "Protecting";
 
 /// Kubernetes caps a condition message at 32 KiB.
 const MAX_MESSAGE: usize = 32 * 1024;
@@ -222,7 +224,12 @@ pub fn desired(o: Observed<'_>) -> ApiPolicyStatus {
         ));
     }
 
-    let slos = settle_slos(o.slos, previous.map(|p| p.slos.as_slice()).unwrap_or_default());
+    let mut slos = settle_slos(o.slos, previous.map(|p| p.slos.as_slice()).unwrap_or_default());
+    let protecting = protection(&mut slos, &o.policy.spec.slos, previous, o.now);
+    if let Some((on, message)) = protecting {
+        let reason = if on { "SloBurning" } else { "SlosWithinBudget" };
+        conditions.push(condition(PROTECTING, on, reason, message, generation, previous, o.now));
+    }
     let lowest = slos.iter().map(|s| s.error_budget_remaining).reduce(f64::min);
     let worst = slos.iter().map(|s| s.state).max();
     ApiPolicyStatus {
@@ -269,6 +276,57 @@ fn condition(
 
 /// Keeps an SLO's previous `lastUpdated` when none of its figures changed, so that unchanged
 /// figures never cause a status write.
+/// Writes each protected SLO's `protection` (`Active since …, actions …`, the time kept from the
+/// previous status while it stays on) and says whether any is on, with a message, for the
+/// `Protecting` condition; `None` when no SLO has `protect`. The operator judges by the SLO's
+/// state over all pods; each sidecar judges by its own counts and lifts after a minute of calm.
+fn protection(
+    slos: &mut [SloStatus],
+    spec: &[apipolicy_api::Slo],
+    previous: Option<&ApiPolicyStatus>,
+    now: Timestamp,
+) -> Option<(bool, String)> {
+    use apipolicy_api::{ProtectAction, ProtectWhen, SloState};
+    let mut any = false;
+    let mut active = Vec::new();
+    for s in slos.iter_mut() {
+        let Some(protect) = spec.iter().find(|c| c.name == s.name).and_then(|c| c.protect.as_ref()) else {
+            continue;
+        };
+        any = true;
+        let on = match protect.when.unwrap_or(ProtectWhen::Critical) {
+            ProtectWhen::Critical => s.state == SloState::Critical,
+            ProtectWhen::Warning => s.state >= SloState::Warning,
+        };
+        if !on {
+            s.protection = None;
+            continue;
+        }
+        let since = previous
+            .and_then(|p| p.slos.iter().find(|p| p.name == s.name))
+            .and_then(|p| p.protection.as_deref())
+            .and_then(|text| text.strip_prefix("Active since "))
+            .and_then(|rest| rest.split(',').next())
+            .map_or_else(|| now.to_string(), str::to_owned);
+        let actions = if protect.actions.is_empty() {
+            vec![ProtectAction::ServeStale, ProtectAction::ShedByPriority]
+        } else {
+            protect.actions.clone()
+        };
+        let actions: Vec<String> = actions.iter().map(|a| format!("{a:?}")).collect();
+        let text = format!("Active since {since}, actions {}", actions.join(", "));
+        active.push(format!("{}: {text}", s.name));
+        s.protection = Some(text);
+    }
+    if !any {
+        return None;
+    }
+    Some(match active.is_empty() {
+        true => (false, "no SLO is burning its budget fast enough to protect its routes".to_owned()),
+        false => (true, active.join("; ")),
+    })
+}
+
 fn settle_slos(new: Vec<SloStatus>, previous: &[SloStatus]) -> Vec<SloStatus> {
     new.into_iter()
         .map(|mut s| {
@@ -343,10 +401,43 @@ mod tests {
             error_budget_remaining: budget,
             burn_rates: BTreeMap::from([("5m".into(), 0.5)]),
             state,
+            protection: None,
             good_requests: 9995,
             total_requests: 10000,
             last_updated: Some(updated.into()),
         }
+    }
+
+    #[test]
+    fn protection_is_written_while_the_slo_burns_and_keeps_its_start() {
+        let spec: Vec<apipolicy_api::Slo> = serde_json::from_value(serde_json::json!([
+            {"name": "availability", "objective": 99.9, "indicator": {"availability": {}},
+             "protect": {"when": "Critical", "actions": ["ServeStale"]}},
+            {"name": "latency", "objective": 99.0, "indicator": {"latency": {"threshold": "200ms"}}},
+        ]))
+        .unwrap();
+        let mut now = vec![
+            slo("availability", -5.0, SloState::Critical, "t1"),
+            slo("latency", 50.0, SloState::Critical, "t1"),
+        ];
+        let (on, message) = protection(&mut now, &spec, None, ts(100)).unwrap();
+        assert!(on);
+        let text = now[0].protection.clone().unwrap();
+        assert_eq!(text, format!("Active since {}, actions ServeStale", ts(100)));
+        assert_eq!(message, format!("availability: {text}"));
+        assert_eq!(now[1].protection, None, "latency has no protect");
+        // Still burning a minute later: the same start.
+        let previous = ApiPolicyStatus { slos: now.clone(), ..Default::default() };
+        let mut later = vec![slo("availability", -6.0, SloState::Critical, "t2")];
+        protection(&mut later, &spec, Some(&previous), ts(160)).unwrap();
+        assert_eq!(later[0].protection.as_deref(), Some(text.as_str()));
+        // Below Critical: off.
+        let mut calm = vec![slo("availability", -6.0, SloState::Warning, "t3")];
+        let (on, _) = protection(&mut calm, &spec, Some(&previous), ts(220)).unwrap();
+        assert!(!on);
+        assert_eq!(calm[0].protection, None);
+        // No SLO with protect: no condition at all.
+        assert_eq!(protection(&mut calm, &spec[1..], None, ts(1)), None);
     }
 
     #[test]

@@ -218,7 +218,7 @@ fn bench_check(algorithm: Algorithm, threads: usize, ms: u64) -> Row {
         .collect();
     let op = |t: usize, i: u64| {
         let peer = peers[(i as usize + t * (KEYS / 2)) % KEYS];
-        let applied = poll_once(limiter.check(black_box(&headers), black_box(peer), &trusted));
+        let applied = poll_once(limiter.check(black_box(&headers), black_box(peer), &trusted, None));
         assert!(matches!(applied, Ok(Some(_))), "every request is under the limit");
         black_box(applied.ok());
     };

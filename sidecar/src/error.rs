@@ -37,6 +37,10 @@ pub enum ProxyError {
     LimitStoreUnavailable(String),
     #[error("the app failed too often: this route's circuit is open for {retry_after_s} s more")]
     CircuitOpen { retry_after_s: u64 },
+    #[error(
+        "the app is over its error budget and requests of priority {class} are shed for now; retry later"
+    )]
+    Shed { class: &'static str },
 }
 
 impl ProxyError {
@@ -55,9 +59,10 @@ impl ProxyError {
             Self::MissingKey { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
             }
-            Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) | Self::CircuitOpen { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded { .. }
+            | Self::LimitStoreUnavailable(_)
+            | Self::CircuitOpen { .. }
+            | Self::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -78,6 +83,7 @@ impl ProxyError {
             Self::Overloaded { .. } => "overloaded",
             Self::LimitStoreUnavailable(_) => "rate-limit-store-unavailable",
             Self::CircuitOpen { .. } => "circuit-open",
+            Self::Shed { .. } => "shed-by-priority",
         }
     }
 
@@ -97,6 +103,7 @@ impl ProxyError {
             Self::Overloaded { .. } => "Overloaded",
             Self::LimitStoreUnavailable(_) => "Rate limit store unavailable",
             Self::CircuitOpen { .. } => "Circuit open",
+            Self::Shed { .. } => "Shed by priority",
         }
     }
 
@@ -123,6 +130,10 @@ impl ProxyError {
             }
             Self::Overloaded { .. } | Self::LimitStoreUnavailable(_) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::Shed { .. } => {
+                // Protection lasts at least its minute of calm.
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             Self::CircuitOpen { retry_after_s } => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s.max(1)));

@@ -19,6 +19,7 @@ pub mod layers;
 pub mod metrics;
 pub mod outbound;
 pub mod pipeline;
+pub mod priority;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis_client;

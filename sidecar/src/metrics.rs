@@ -51,6 +51,7 @@ struct ResilienceMetrics {
     budget_exhausted: IntCounterVec,
     circuit_state: IntGaugeVec,
     concurrency_limit: IntGaugeVec,
+    protection_active: IntGaugeVec,
 }
 
 impl ResilienceMetrics {
@@ -87,15 +88,24 @@ impl ResilienceMetrics {
             &["route"],
         )
         .expect("valid metric");
+        let protection_active = IntGaugeVec::new(
+            Opts::new(
+                "apipolicy_protection_active",
+                "1 while an SLO's protection (slos[].protect) is on, as this pod sees the SLO.",
+            ),
+            &["slo"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(retries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(budget_exhausted.clone()),
             Box::new(circuit_state.clone()),
             Box::new(concurrency_limit.clone()),
+            Box::new(protection_active.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { retries, budget_exhausted, circuit_state, concurrency_limit }
+        Self { retries, budget_exhausted, circuit_state, concurrency_limit, protection_active }
     }
 }
 
@@ -116,6 +126,8 @@ pub struct SloMetrics {
     pub budget: Gauge,
     /// In the order of `apipolicy_api::slo::BURN_WINDOWS`.
     pub burn: Vec<Gauge>,
+    /// 1 while the SLO's protection is on.
+    pub protection: IntGauge,
 }
 
 impl Metrics {
@@ -174,9 +186,9 @@ impl Metrics {
         let shed = IntCounterVec::new(
             Opts::new(
                 "apipolicy_shed_total",
-                "Requests refused with 503 because the route's maxInFlight was reached.",
+                "Requests refused with 503 by load shedding: the route's concurrency limit was reached, or SLO protection shed the request's priority class (critical, default, sheddable).",
             ),
-            &["route"],
+            &["route", "priority"],
         )
         .expect("valid metric");
         let route_in_flight = IntGaugeVec::new(
@@ -374,6 +386,7 @@ impl Metrics {
                 .iter()
                 .map(|(w, _)| self.slo_burn.with_label_values(&[slo, w]))
                 .collect(),
+            protection: self.resilience.protection_active.with_label_values(&[slo]),
         }
     }
 
@@ -387,6 +400,7 @@ impl Metrics {
         for (w, _) in apipolicy_api::slo::BURN_WINDOWS {
             let _ = self.slo_burn.remove_label_values(&[slo, w]);
         }
+        let _ = self.resilience.protection_active.remove_label_values(&[slo]);
     }
 
     /// The Redis error counters and call latency histogram.
@@ -424,9 +438,11 @@ impl Metrics {
         self.resilience.circuit_state.with_label_values(&[route])
     }
 
-    /// The shed counter and in-flight gauge of a route with a concurrency limit.
-    pub fn shedding(&self, route: &str) -> (IntCounter, IntGauge) {
-        (self.shed.with_label_values(&[route]), self.route_in_flight.with_label_values(&[route]))
+    /// The shed counters (by priority class: critical, default, sheddable) and the in-flight
+    /// gauge of a route.
+    pub fn shedding(&self, route: &str) -> ([IntCounter; 3], IntGauge) {
+        let shed = crate::priority::Class::ALL.map(|c| self.shed.with_label_values(&[route, c.as_str()]));
+        (shed, self.route_in_flight.with_label_values(&[route]))
     }
 
     /// Handles for one route, resolved once per config so requests do no label lookups.

@@ -45,6 +45,10 @@ pub struct Cx<'a> {
     /// policy shortened the route's timeout for it (`perTryTimeout`, or what is left of the
     /// route's timeout after earlier tries).
     pub try_limit: Option<std::time::Duration>,
+    /// The request's priority class (`spec.priorities`).
+    pub class: crate::priority::Class,
+    /// What SLO protection asks of the request's route now.
+    pub protection: crate::priority::Protection,
 }
 
 /// One layer of the pipeline, or the service at its bottom.

@@ -25,6 +25,7 @@ use crate::{
         ratelimit::RateLimit,
         request_headers::SetRequestHeaders,
         retry::Retry,
+        shed::ShedByPriority,
     },
     outbound::{Forward, Upstream},
     pipeline::{Cx, Service},
@@ -49,6 +50,9 @@ pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>
         // Hits are answered here; misses are filled through the upstream side below; an
         // unsafe request the app took makes the cache forget its URL.
         .layer(layer_fn(Cache))
+        // While an SLO protects the route, sheddable requests that would reach the app stop
+        // here (hits above were still served).
+        .layer(layer_fn(ShedByPriority))
         // Pass-through: body limits, streaming, upgrades. Below it, requests are the app's.
         .layer(layer_fn(Forward))
         // The route's header rules, on every request to the app (fills too), after the cache key.
@@ -92,6 +96,8 @@ impl Proxy {
             req.uri().path_and_query().cloned()
         });
         let route = &active.routes[index];
+        let class = active.class(index, req.headers());
+        let protection = active.protection(index);
         let mut cx = Cx {
             active: &active,
             route,
@@ -101,6 +107,8 @@ impl Proxy {
             finish: &mut finish,
             bad_path,
             try_limit: None,
+            class,
+            protection,
         };
         let mut resp = stack().call(req, &mut cx).await;
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
@@ -180,6 +188,10 @@ impl Proxy {
         let index = active.router.route(req.method, path, &req.headers);
         let route = &active.routes[index];
         if route.cache.is_none() || route.limiter.as_ref().is_some_and(|l| l.is_global()) {
+            return None;
+        }
+        // A limit tightened by SLO protection is applied on the full path.
+        if route.limiter.is_some() && active.protection(index).tighten_permille.is_some() {
             return None;
         }
         let asks = crate::cache::Asks::of(&req.headers);

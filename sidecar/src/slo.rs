@@ -25,7 +25,7 @@ use apipolicy_api::{
     slo::{BURN_WINDOWS, Counts, SloSeries},
 };
 use arc_swap::ArcSwap;
-use prometheus::{Gauge, IntCounter};
+use prometheus::{Gauge, IntCounter, IntGauge};
 use serde_json::json;
 
 use crate::{clock::Clock, health::rfc3339, metrics::Metrics};
@@ -42,9 +42,82 @@ pub struct Tracker {
     excluded_metric: IntCounter,
     budget: Gauge,
     burn: Vec<Gauge>,
+    /// `protect`: on, since when, and since when the SLO has been calm again (0: not).
+    protecting: std::sync::atomic::AtomicBool,
+    protect_since_ms: AtomicU64,
+    calm_since_ms: AtomicU64,
+    protection_gauge: IntGauge,
 }
 
+/// How long an SLO must stay below its `protect.when` before protection lifts: no flapping.
+pub const PROTECTION_CALM_MS: u64 = 60_000;
+
 impl Tracker {
+    /// Whether the SLO's protection is on now.
+    pub fn protecting(&self) -> bool {
+        self.protecting.load(Ordering::Relaxed)
+    }
+
+    /// Starts or lifts protection by the SLO's state now (with [`PROTECTION_CALM_MS`] of calm
+    /// before it lifts).
+    fn evaluate(&self, state: apipolicy_api::SloState, now: u64) {
+        use apipolicy_api::SloState;
+        let config = self.config.load();
+        let Some(protect) = &config.protect else {
+            if self.protecting.swap(false, Ordering::Relaxed) {
+                self.protection_gauge.set(0);
+            }
+            return;
+        };
+        let burning =
+            if protect.from_warning { state >= SloState::Warning } else { state == SloState::Critical };
+        if burning {
+            self.calm_since_ms.store(0, Ordering::Relaxed);
+            if !self.protecting.swap(true, Ordering::Relaxed) {
+                self.protect_since_ms.store(now, Ordering::Relaxed);
+                self.protection_gauge.set(1);
+                tracing::warn!(slo = %config.name, ?state, "SLO protection on");
+            }
+            return;
+        }
+        if !self.protecting() {
+            return;
+        }
+        match self.calm_since_ms.load(Ordering::Relaxed) {
+            0 => self.calm_since_ms.store(now, Ordering::Relaxed),
+            calm if now.saturating_sub(calm) >= PROTECTION_CALM_MS => {
+                self.protecting.store(false, Ordering::Relaxed);
+                self.calm_since_ms.store(0, Ordering::Relaxed);
+                self.protection_gauge.set(0);
+                tracing::info!(slo = %config.name, "SLO protection lifted");
+            }
+            _ => {}
+        }
+    }
+
+    /// `/slo`'s view of the protection.
+    fn protection_json(&self) -> serde_json::Value {
+        let config = self.config.load();
+        let Some(p) = &config.protect else { return serde_json::Value::Null };
+        let mut actions = Vec::new();
+        if p.serve_stale {
+            actions.push("ServeStale");
+        }
+        if p.shed_by_priority {
+            actions.push("ShedByPriority");
+        }
+        if p.tighten_permille.is_some() {
+            actions.push("TightenLimits");
+        }
+        let active = self.protecting();
+        json!({
+            "active": active,
+            "since": active.then(|| rfc3339(UNIX_EPOCH + Duration::from_millis(self.protect_since_ms.load(Ordering::Relaxed)))),
+            "when": if p.from_warning { "Warning" } else { "Critical" },
+            "actions": actions,
+        })
+    }
+
     /// Counts one request that got `status` after `elapsed_ms`.
     pub fn record(&self, status: u16, elapsed_ms: f64, policy_answer: bool) {
         if policy_answer {
@@ -83,6 +156,7 @@ impl Tracker {
 
     fn update_gauges(&self, now: u64) {
         let s = self.status(now);
+        self.evaluate(s.state, now);
         self.budget.set(s.error_budget_remaining);
         for ((window, _), gauge) in BURN_WINDOWS.iter().zip(&self.burn) {
             gauge.set(s.burn_rates.get(*window).copied().unwrap_or_default());
@@ -135,6 +209,10 @@ impl Slos {
                         excluded_metric: m.excluded,
                         budget: m.budget,
                         burn: m.burn,
+                        protecting: Default::default(),
+                        protect_since_ms: AtomicU64::new(0),
+                        calm_since_ms: AtomicU64::new(0),
+                        protection_gauge: m.protection,
                     })
                 });
                 tracker.config.store(Arc::new(slo.clone()));
@@ -168,7 +246,10 @@ impl Slos {
             .map(|t| {
                 t.fold(now);
                 let config = t.config.load();
-                let mut v = serde_json::to_value(t.status(now)).unwrap_or_default();
+                let status = t.status(now);
+                t.evaluate(status.state, now);
+                let mut v = serde_json::to_value(status).unwrap_or_default();
+                v["protection"] = t.protection_json();
                 v["objective"] = json!(config.objective);
                 v["windowMs"] = json!(config.window_ms);
                 v["indicator"] = serde_json::to_value(&config.indicator).unwrap_or_default();

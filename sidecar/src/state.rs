@@ -21,6 +21,7 @@ use crate::{
     headers::HeaderRules,
     health::Health,
     metrics::{CacheLookups, Metrics, RouteMetrics},
+    priority::{Class, Priorities, Protection},
     ratelimit::RouteLimiter,
     redis_client::Redis,
     resilience::{Breaker, Gradient, RetryBudget},
@@ -55,6 +56,10 @@ pub struct Active {
     pub generation: u64,
     /// The sidecar's clock (limits, cache freshness).
     pub clock: Clock,
+    /// `spec.priorities`.
+    pub priorities: Priorities,
+    /// Per route: whether an SLO that counts it has `protect`.
+    protectable: Vec<bool>,
 }
 
 static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -138,6 +143,8 @@ pub struct RouteRuntime {
     pub retry: Option<RetryBudget>,
     /// `circuitBreaker`.
     pub breaker: Option<Arc<Breaker>>,
+    /// Shed counters by priority class, when an SLO may shed the route's requests.
+    pub shed: Option<[IntCounter; 3]>,
 }
 
 /// A route's cap on requests in flight. The count carries over a reload that keeps the route,
@@ -148,16 +155,17 @@ pub struct Concurrency {
     pub adaptive: Option<Arc<Gradient>>,
     count: Arc<AtomicU32>,
     gauge: IntGauge,
-    shed: IntCounter,
+    /// By priority class.
+    shed: [IntCounter; 3],
 }
 
 impl Concurrency {
-    /// Takes a slot, or refuses at once: nothing queues.
-    pub fn admit(&self) -> Result<(), ProxyError> {
+    /// Takes a slot for a request of `class`, or refuses at once: nothing queues.
+    pub fn admit(&self, class: Class) -> Result<(), ProxyError> {
         let max = self.adaptive.as_ref().map_or(self.max, |g| g.limit());
         if self.count.fetch_add(1, Ordering::AcqRel) >= max {
             self.count.fetch_sub(1, Ordering::AcqRel);
-            self.shed.inc();
+            self.shed[class.index()].inc();
             return Err(ProxyError::Overloaded { max_in_flight: max });
         }
         self.gauge.inc();
@@ -167,6 +175,32 @@ impl Concurrency {
     pub fn release(&self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.gauge.dec();
+    }
+}
+
+impl Active {
+    /// What the SLOs covering route `route` ask of its requests now.
+    pub fn protection(&self, route: usize) -> Protection {
+        if !self.protectable.get(route).copied().unwrap_or(false) {
+            return Protection::default();
+        }
+        self.route_slos[route]
+            .iter()
+            .filter_map(|&i| self.slos.get(i))
+            .filter(|t| t.protecting())
+            .filter_map(|t| {
+                t.config.load().protect.as_ref().map(|p| Protection {
+                    serve_stale: p.serve_stale,
+                    shed: p.shed_by_priority,
+                    tighten_permille: p.tighten_permille,
+                })
+            })
+            .fold(Protection::default(), Protection::and)
+    }
+
+    /// The priority class of a request on route `route`.
+    pub fn class(&self, route: usize, headers: &impl crate::headers::RequestHeaders) -> Class {
+        if self.priorities.is_empty() { Class::Default } else { self.priorities.classify(route, headers) }
     }
 }
 
@@ -231,6 +265,15 @@ impl Active {
                             settings.clock.clone(),
                         )
                     }),
+                    shed: config
+                        .spec
+                        .slos
+                        .iter()
+                        .any(|s| {
+                            s.routes.contains(&r.name)
+                                && s.protect.as_ref().is_some_and(|p| p.shed_by_priority)
+                        })
+                        .then(|| metrics.shedding(&r.name).0),
                     retry: r.retry.as_ref().map(|c| {
                         RetryBudget::new(c.clone(), settings.clock.clone(), metrics.retries(&r.name))
                     }),
@@ -302,7 +345,7 @@ impl Active {
                 Some(s) => s,
                 None => Shared::new(r.clone(), scope.clone(), settings.store.clone()),
             });
-        let route_slos = config
+        let route_slos: Vec<Vec<usize>> = config
             .spec
             .routes
             .iter()
@@ -317,6 +360,13 @@ impl Active {
                     .collect()
             })
             .collect();
+        let protectable = route_slos
+            .iter()
+            .map(|slos| slos.iter().any(|&i| config.spec.slos[i].protect.is_some()))
+            .collect();
+        let priorities = Priorities::new(&config.spec.priorities, |name| {
+            config.spec.routes.iter().position(|r| r.name == name)
+        });
         Ok(Self {
             clock: settings.clock.clone(),
             config,
@@ -335,6 +385,8 @@ impl Active {
             slos,
             route_slos,
             generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            priorities,
+            protectable,
         })
     }
 }

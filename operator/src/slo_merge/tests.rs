@@ -35,6 +35,7 @@ fn slo() -> SloConfig {
         window_ms: 30 * 24 * HOUR_MS,
         indicator: IndicatorConfig::Availability,
         routes: vec![],
+        protect: None,
     }
 }
 

@@ -123,7 +123,7 @@ async fn serve_full<U: ToApp>(
     // A few rounds at most: a waiter whose leader failed may lead the next round itself.
     for _ in 0..3 {
         let now = active.clock.now();
-        match store.lookup(&key, &client_headers, now) {
+        match store.lookup(&key, &client_headers, now, cx.protection.serve_stale) {
             Lookup::Fresh(e) => {
                 route.cache_lookups.hit.inc();
                 return Ok(respond(active, route, &e, now, None, &client_headers, head).await);
@@ -134,6 +134,12 @@ async fn serve_full<U: ToApp>(
                     spawn_revalidation(upstream, cx, key.clone(), clone_parts(&parts), e.clone());
                 }
                 let kind = format!("hit; ttl=-{}", e.staleness(now).as_secs());
+                return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
+            }
+            // SLO protection: any stored answer rather than the failing app.
+            Lookup::Stale(e) if cx.protection.serve_stale => {
+                route.cache_lookups.stale.inc();
+                let kind = format!("hit; ttl=-{}; detail=protection", e.staleness(now).as_secs());
                 return Ok(respond(active, route, &e, now, Some(&kind), &client_headers, head).await);
             }
             Lookup::Stale(e) => {
@@ -582,6 +588,8 @@ fn spawn_revalidation<U: ToApp>(upstream: U, cx: &Cx<'_>, key: CacheKey, parts: 
             finish: &mut finish,
             bad_path: None,
             try_limit: None,
+            class: Default::default(),
+            protection: Default::default(),
         };
         let (_, outcome) = fill(
             &upstream,

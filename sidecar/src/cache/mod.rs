@@ -509,11 +509,13 @@ impl Store {
         variants.iter().find(|e| now < e.fresh_until && e.varies_as(headers)).cloned()
     }
 
-    pub fn lookup(&self, key: &CacheKey, headers: &HeaderMap, now: SystemTime) -> Lookup {
+    /// The entry for a request. `any_age`: an entry past every stale window counts too (SLO
+    /// protection's ServeStale), as [`Lookup::Stale`].
+    pub fn lookup(&self, key: &CacheKey, headers: &HeaderMap, now: SystemTime, any_age: bool) -> Lookup {
         let Some(variants) = self.entries.get(&key.hash) else { return Lookup::UriMiss };
         let req = CacheRequest { uri: &key.uri, headers };
         for entry in variants.iter() {
-            if entry.expired(now) {
+            if !any_age && entry.expired(now) {
                 continue;
             }
             match entry.policy.before_request(&req, now) {

@@ -124,7 +124,7 @@ fn fast_hits_agree_with_the_full_judgement() {
                 assert_eq!(e.ttl(at).as_secs(), e.policy.time_to_live(at).as_secs(), "{res:?} at +{later}s");
                 for req in requests {
                     let headers = map(req);
-                    let full = matches!(store.lookup(&key, &headers, at), Lookup::Fresh(_));
+                    let full = matches!(store.lookup(&key, &headers, at, false), Lookup::Fresh(_));
                     match store.fresh(key.hash, &headers, Asks::of(&headers), at) {
                         Some(_) => {
                             assert!(full, "fast hit the full judgement refuses: {res:?} {req:?}");

@@ -23,7 +23,7 @@ where
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
         let Some(c) = &cx.route.concurrency else { return self.0.call(req, cx).await };
-        c.admit()?;
+        c.admit(cx.class)?;
         cx.finish.holds_slot = true;
         let Some(gradient) = &c.adaptive else { return self.0.call(req, cx).await };
         let started = std::time::Instant::now();

@@ -8,3 +8,4 @@ pub mod path;
 pub mod ratelimit;
 pub mod request_headers;
 pub mod retry;
+pub mod shed;

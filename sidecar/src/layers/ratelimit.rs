@@ -19,7 +19,10 @@ where
 
     async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         let Some(limiter) = &cx.route.limiter else { return self.0.call(req, cx).await };
-        let applied = match limiter.check(req.headers(), cx.peer, &cx.active.trusted).await {
+        let applied = match limiter
+            .check(req.headers(), cx.peer, &cx.active.trusted, cx.protection.tighten_permille)
+            .await
+        {
             Ok(applied) => applied,
             Err(e) => return rescue(e, cx),
         };

@@ -127,21 +127,24 @@ impl RouteLimiter {
     }
 
     /// Decides one request. `Ok(None)`: the limit does not show (shadow mode).
+    /// `tighten`: SLO protection's share of the rate (thousandths) the limit keeps for now.
     pub async fn check(
         &self,
         headers: &impl RequestHeaders,
         peer: SocketAddr,
         trusted: &TrustedProxies,
+        tighten: Option<u32>,
     ) -> Result<Option<Applied>, ProxyError> {
         let Some((store, scope)) = &self.global else {
-            return self.decide_here(headers, peer, trusted);
+            return self.decide_here(headers, peer, trusted, tighten);
         };
         let (which, material) = self.key(headers, peer, trusted)?;
         // Every pod must name a key alike: a fixed hash, not this process's random one.
         let key = format!("apipolicy:{{{scope}/{which}/{:016x}}}", GLOBAL_KEYS.hash_one(material));
         // Boxed: the Redis call's future is large, and a local limit's request should not carry
         // (and copy) its room.
-        match Box::pin(redis::decide(store, self.config.algorithm, &key, &self.params[which])).await {
+        let params = tightened(&self.params[which], tighten);
+        match Box::pin(redis::decide(store, self.config.algorithm, &key, &params)).await {
             Ok(decision) => self.finish(decision, which),
             Err(e) => {
                 tracing::debug!(error = %e, "rate-limit store failure");
@@ -151,7 +154,7 @@ impl RouteLimiter {
                         Ok(None)
                     }
                     StoreFailure::FailClosed => Err(ProxyError::LimitStoreUnavailable(e.to_string())),
-                    StoreFailure::LocalFallback => self.decide_here(headers, peer, trusted),
+                    StoreFailure::LocalFallback => self.decide_here(headers, peer, trusted, tighten),
                 }
             }
         }
@@ -165,7 +168,7 @@ impl RouteLimiter {
         peer: SocketAddr,
         trusted: &TrustedProxies,
     ) -> Option<Result<Option<Applied>, ProxyError>> {
-        self.global.is_none().then(|| self.decide_here(headers, peer, trusted))
+        self.global.is_none().then(|| self.decide_here(headers, peer, trusted, None))
     }
 
     /// The decision of this pod's own store: a local limit's, or a `Global` one's fallback.
@@ -174,10 +177,11 @@ impl RouteLimiter {
         headers: &impl RequestHeaders,
         peer: SocketAddr,
         trusted: &TrustedProxies,
+        tighten: Option<u32>,
     ) -> Result<Option<Applied>, ProxyError> {
         let (which, material) = self.key(headers, peer, trusted)?;
-        let decision =
-            self.stores[which].decide(SEED.hash_one(material), &self.params[which], self.clock.now_ns());
+        let params = tightened(&self.params[which], tighten);
+        let decision = self.stores[which].decide(SEED.hash_one(material), &params, self.clock.now_ns());
         self.finish(decision, which)
     }
 
@@ -283,6 +287,20 @@ impl RouteLimiter {
     }
 }
 
+/// A limit's parameters at `permille` of its rate (SLO protection's `TightenLimits`): the
+/// bucket and the window hold that share, and a token takes that much longer to come back.
+/// Keys keep their state; they simply refill more slowly while the protection lasts.
+fn tightened(params: &Params, permille: Option<u32>) -> Params {
+    let Some(permille) = permille else { return *params };
+    let share = |n: u64| (n * u64::from(permille) / 1000).max(1);
+    Params {
+        capacity: share(params.capacity),
+        interval_ns: params.interval_ns.saturating_mul(1000) / u64::from(permille.max(1)),
+        requests: share(params.requests),
+        window_ns: params.window_ns,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http::HeaderMap;
@@ -308,15 +326,15 @@ mod tests {
         plain.insert("x-api-key", HeaderValue::from_static("plain"));
         let mut gold = HeaderMap::new();
         gold.insert("x-api-key", HeaderValue::from_static("gold"));
-        assert!(limiter.check(&plain, peer, &trusted).await.is_ok());
+        assert!(limiter.check(&plain, peer, &trusted, None).await.is_ok());
         for _ in 0..3 {
-            assert!(limiter.check(&gold, peer, &trusted).await.is_ok());
+            assert!(limiter.check(&gold, peer, &trusted, None).await.is_ok());
         }
         limiter.sweep();
-        assert!(limiter.check(&plain, peer, &trusted).await.is_ok());
-        assert!(limiter.check(&plain, peer, &trusted).await.is_err(), "the plain key kept its count");
-        assert!(limiter.check(&gold, peer, &trusted).await.is_ok());
-        assert!(limiter.check(&gold, peer, &trusted).await.is_err(), "the gold key kept its count");
+        assert!(limiter.check(&plain, peer, &trusted, None).await.is_ok());
+        assert!(limiter.check(&plain, peer, &trusted, None).await.is_err(), "the plain key kept its count");
+        assert!(limiter.check(&gold, peer, &trusted, None).await.is_ok());
+        assert!(limiter.check(&gold, peer, &trusted, None).await.is_err(), "the gold key kept its count");
     }
 
     /// `rateLimit.maxKeys` bounds what a limit keeps, however many keys clients invent.
@@ -336,7 +354,7 @@ mod tests {
         for i in 0..50_000 {
             let mut h = HeaderMap::new();
             h.insert("x-api-key", HeaderValue::from(i));
-            assert!(limiter.check(&h, peer, &trusted).await.is_ok());
+            assert!(limiter.check(&h, peer, &trusted, None).await.is_ok());
         }
         let kept = limiter.stores[0].len();
         assert!((1_000..=2_000).contains(&kept), "{kept} keys kept for maxKeys 2000");
@@ -356,7 +374,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-api-key", HeaderValue::from_static("a"));
         h.append("x-api-key", HeaderValue::from_static("b"));
-        let refused = limiter.check(&h, "127.0.0.1:1".parse().unwrap(), &TrustedProxies::default()).await;
+        let refused =
+            limiter.check(&h, "127.0.0.1:1".parse().unwrap(), &TrustedProxies::default(), None).await;
         assert!(matches!(refused, Err(ProxyError::AmbiguousKey { .. })), "{refused:?}");
     }
 }

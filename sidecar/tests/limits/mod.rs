@@ -257,6 +257,6 @@ async fn requests_over_max_in_flight_are_shed_at_once() {
     assert_eq!(get(&c, url).await.0, StatusCode::OK, "slots come back when responses end");
     let text =
         String::from_utf8(get(&c, format!("http://{}/metrics", sc.admin_addr)).await.2.to_vec()).unwrap();
-    assert_eq!(metric(&text, r#"apipolicy_shed_total{route="slow"}"#), Some(1.0));
+    assert_eq!(metric(&text, r#"apipolicy_shed_total{priority="default",route="slow"}"#), Some(1.0));
     assert_eq!(metric(&text, r#"apipolicy_route_in_flight{route="slow"}"#), Some(0.0));
 }

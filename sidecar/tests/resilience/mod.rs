@@ -393,3 +393,126 @@ async fn an_adaptive_limit_keeps_admitted_latency_near_the_ideal() {
     // Within the tolerance of the ideal (and a few ms for scheduling on a busy 2-core machine).
     assert!(p99 <= ideal.mul_f64(2.0) + Duration::from_millis(10), "p99 {p99:?} against ideal {ideal:?}");
 }
+
+/// SLO protection: an app failing half its requests drives an availability SLO Critical at
+/// once (the 5m and 1h burn rates are both far over 14.4); while it is, the cached route
+/// answers from its stale entry instead of the failing app and sheddable requests are shed
+/// before they reach it; once the SLO has been calm for a minute, protection lifts.
+#[tokio::test]
+async fn slo_protection_serves_stale_sheds_sheddable_and_lifts() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("protect");
+    let routes = "  - name: cached
+    match: {path: {prefix: /app/cached}}
+    cache: {maxAge: 1s}
+  - name: work
+    match: {path: {prefix: /app/work}}
+  slos:
+  - name: availability
+    objective: 99
+    indicator: {availability: {}}
+    routes: [cached, work]
+    protect: {when: Critical, actions: [ServeStale, ShedByPriority]}
+  priorities:
+  - {class: Sheddable, header: {name: X-Priority, values: [low]}}
+";
+    let sc = sidecar_for(&up.url(), &dir, routes).await;
+    let c = client();
+    let base = format!("http://{}", sc.proxy_addr);
+    let slo = |c: HttpClient| {
+        let admin = sc.admin_addr;
+        async move {
+            let (_, _, body) = get(&c, format!("http://{admin}/slo")).await;
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["slos"][0].clone()
+        }
+    };
+    let (status, _, stored) = get(&c, format!("{base}/app/cached/item")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(slo(c.clone()).await["protection"]["active"], false);
+    // Half the requests fail.
+    sc.sidecar.settings.clock.advance(Duration::from_secs(2));
+    for i in 0..20 {
+        up.failing.store(i % 2 == 0, Ordering::SeqCst);
+        get(&c, format!("{base}/app/work/{i}")).await;
+    }
+    let now = slo(c.clone()).await;
+    assert_eq!(now["state"], "Critical", "{now}");
+    assert_eq!(now["protection"]["active"], true, "{now}");
+    assert_eq!(
+        metric(&metrics(&c, &sc).await, r#"apipolicy_protection_active{slo="availability"}"#),
+        Some(1.0)
+    );
+    up.failing.store(true, Ordering::SeqCst);
+    // ServeStale: the stored answer, though past its maxAge and any window, without the app.
+    let asked = up.hits("/app/cached/item");
+    let (status, headers, body) = get(&c, format!("{base}/app/cached/item")).await;
+    assert_eq!((status, body), (StatusCode::OK, stored));
+    assert!(headers["cache-status"].to_str().unwrap().contains("detail=protection"));
+    assert_eq!(up.hits("/app/cached/item"), asked);
+    // ShedByPriority: sheddable requests stop at the sidecar; the others still reach the app.
+    let asked = up.hits("/app/work/x");
+    let shed = send(
+        &c,
+        Request::get(format!("{base}/app/work/x")).header("x-priority", "low").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(shed.0, StatusCode::SERVICE_UNAVAILABLE);
+    let problem: serde_json::Value = serde_json::from_slice(&shed.2).unwrap();
+    assert_eq!(problem["type"], "https://apipolicy.dev/problems/shed-by-priority");
+    assert_eq!(up.hits("/app/work/x"), asked);
+    get(&c, format!("{base}/app/work/x")).await;
+    assert_eq!(up.hits("/app/work/x"), asked + 1);
+    let m = metrics(&c, &sc).await;
+    assert_eq!(metric(&m, r#"apipolicy_shed_total{priority="sheddable",route="work"}"#), Some(1.0));
+    // Healthy again. Past the 30-minute window the SLO is calm; protection holds a minute more.
+    up.failing.store(false, Ordering::SeqCst);
+    slo(c.clone()).await;
+    sc.sidecar.settings.clock.advance(Duration::from_secs(31 * 60));
+    get(&c, format!("{base}/app/work/ok")).await;
+    assert_eq!(slo(c.clone()).await["protection"]["active"], true, "no flapping: a minute of calm first");
+    sc.sidecar.settings.clock.advance(Duration::from_secs(61));
+    let now = slo(c.clone()).await;
+    assert_eq!(now["protection"]["active"], false, "{now}");
+    let lifted = send(
+        &c,
+        Request::get(format!("{base}/app/work/y")).header("x-priority", "low").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(lifted.0, StatusCode::OK);
+}
+
+/// SLO protection's TightenLimits: while the SLO is Critical, a route's rate limit allows
+/// `tightenTo` of its rate (here half of a burst of 10).
+#[tokio::test]
+async fn slo_protection_tightens_rate_limits() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("protect-tighten");
+    let routes = "  - name: limited
+    match: {path: {prefix: /app/limited}}
+    rateLimit: {requests: 10, per: 1m, burst: 10}
+  - name: work
+    match: {path: {prefix: /app/work}}
+  slos:
+  - name: availability
+    objective: 99
+    indicator: {availability: {}}
+    routes: [limited, work]
+    protect: {actions: [TightenLimits], tightenTo: 0.5}
+";
+    let sc = sidecar_for(&up.url(), &dir, routes).await;
+    let c = client();
+    let base = format!("http://{}", sc.proxy_addr);
+    up.failing.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        get(&c, format!("{base}/app/work/{i}")).await;
+    }
+    let (_, _, body) = get(&c, format!("http://{}/slo", sc.admin_addr)).await;
+    let slo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(slo["slos"][0]["protection"]["active"], true, "{slo}");
+    up.failing.store(false, Ordering::SeqCst);
+    let mut allowed = 0;
+    for _ in 0..10 {
+        allowed += u32::from(get(&c, format!("{base}/app/limited/x")).await.0 == StatusCode::OK);
+    }
+    assert_eq!(allowed, 5, "half the burst while protecting");
+}
