@@ -53,6 +53,25 @@ spec:
   - name: limited
     match: {path: {prefix: /limited}}
     rateLimit: {requests: 1000000000, per: 1s, scope: Pod}
+  # The resilience layers, configured and idle (the app never fails): what each costs a
+  # pass-through request that needs none of it.
+  - name: retried
+    match: {path: {prefix: /retried}}
+    retry: {attempts: 3}
+  - name: breaker
+    match: {path: {prefix: /breaker}}
+    circuitBreaker: {consecutiveFailures: 5, failureRatio: 0.5}
+  - name: adaptive
+    match: {path: {prefix: /adaptive}}
+    concurrencyLimit: {adaptive: {minLimit: 64, maxLimit: 1000}}
+  - name: protected
+    match: {path: {prefix: /protected}}
+  slos:
+  - name: availability
+    objective: 99.9
+    indicator: {availability: {}}
+    routes: [protected]
+    protect: {actions: [ServeStale, TightenLimits]}
 EOF
 
 nginx -c "$WORK/nginx.conf" &
@@ -79,3 +98,7 @@ measure() { # kind path
 measure pass-through /items
 measure cache-hit /cache/items
 measure pod-limited /limited/items
+measure retry /retried/items
+measure breaker /breaker/items
+measure adaptive /adaptive/items
+measure slo-protect /protected/items
