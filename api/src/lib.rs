@@ -5,6 +5,7 @@
 mod compile;
 pub mod contract;
 pub mod duration;
+pub mod locate;
 pub mod manifest;
 pub mod quantity;
 pub mod report;

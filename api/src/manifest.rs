@@ -18,6 +18,8 @@ pub struct Problem {
     /// The field path, such as `spec.routes[2].rateLimit.per`; `(yaml)` for syntax errors.
     pub path: String,
     pub message: String,
+    /// Where the field is in the text (or its nearest enclosing field), when known.
+    pub position: Option<crate::locate::Position>,
 }
 
 /// The outcome of reading one manifest text.
@@ -42,6 +44,7 @@ static SCHEMA: LazyLock<Value> = LazyLock::new(|| {
 /// Reads every document of `text` and checks each ApiPolicy in it.
 pub fn check_manifest(text: &str) -> Checked {
     let mut out = Checked::default();
+    let positions = crate::locate::positions(text);
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let fallback = format!("document {}", i + 1);
         let yaml = match serde_yaml::Value::deserialize(doc) {
@@ -51,6 +54,9 @@ pub fn check_manifest(text: &str) -> Checked {
                     document: fallback,
                     path: "(yaml)".into(),
                     message: e.to_string(),
+                    position: e
+                        .location()
+                        .map(|l| crate::locate::Position { line: l.line(), column: l.column() }),
                 });
                 // After a syntax error the YAML stream cannot be trusted any further.
                 break;
@@ -66,6 +72,7 @@ pub fn check_manifest(text: &str) -> Checked {
                     document: fallback,
                     path: "(yaml)".into(),
                     message: format!("not a JSON-compatible document: {e}"),
+                    position: None,
                 });
                 continue;
             }
@@ -82,6 +89,7 @@ pub fn check_manifest(text: &str) -> Checked {
                 // One problem per line, whatever a message from below holds.
                 out.problems.extend(problems.into_iter().map(|(path, message)| Problem {
                     document: document.clone(),
+                    position: positions.get(i).and_then(|p| p.find(&path)),
                     path,
                     message: message.split_whitespace().collect::<Vec<_>>().join(" "),
                 }));
@@ -199,8 +207,9 @@ pub fn load_sidecar_config(text: &str) -> Result<SidecarConfig, Vec<Problem>> {
         && v.get("spec").is_some()
         && v.get("kind").is_none()
     {
-        let problem =
-            |path: String, message: String| vec![Problem { document: "SidecarConfig".into(), path, message }];
+        let problem = |path: String, message: String| {
+            vec![Problem { document: "SidecarConfig".into(), path, message, position: None }]
+        };
         // Through JSON, whose enums are plain mappings (serde_yaml wants YAML tags for them).
         let json = serde_json::to_value(v).map_err(|e| problem("(document)".into(), e.to_string()))?;
         let config: SidecarConfig = serde_path_to_error::deserialize(json)
@@ -226,18 +235,25 @@ pub fn load_sidecar_config(text: &str) -> Result<SidecarConfig, Vec<Problem>> {
         (Some(policy), None) => compile(&policy).map_err(|errs| {
             let document = policy.metadata.name.clone().unwrap_or_default();
             errs.into_iter()
-                .map(|e| Problem { document: document.clone(), path: e.path, message: e.message })
+                .map(|e| Problem {
+                    document: document.clone(),
+                    path: e.path,
+                    message: e.message,
+                    position: None,
+                })
                 .collect()
         }),
         (None, _) => Err(vec![Problem {
             document: "document 1".into(),
             path: "kind".into(),
             message: "the file holds no ApiPolicy".into(),
+            position: None,
         }]),
         (Some(_), Some(_)) => Err(vec![Problem {
             document: "document 2".into(),
             path: "kind".into(),
             message: "the sidecar runs one ApiPolicy: put one per file".into(),
+            position: None,
         }]),
     }
 }

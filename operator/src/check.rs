@@ -6,7 +6,8 @@ use apipolicy_api::manifest::check_manifest;
 
 #[derive(Debug, Default)]
 pub struct Report {
-    /// One line per problem: `FILE: DOCUMENT: FIELD PATH: message`.
+    /// One line per problem: `FILE:LINE:COLUMN: DOCUMENT: FIELD PATH: message` (the line and
+    /// column of the field, or of its nearest enclosing one, when the text has them).
     pub lines: Vec<String>,
     pub files: usize,
     pub policies: usize,
@@ -39,7 +40,8 @@ pub fn check_paths(paths: &[PathBuf]) -> Report {
                 report.policies += checked.documents;
                 report.problems += checked.problems.len();
                 for p in checked.problems {
-                    report.lines.push(format!("{shown}: {}: {}: {}", p.document, p.path, p.message));
+                    let at = p.position.map(|at| format!(":{}:{}", at.line, at.column)).unwrap_or_default();
+                    report.lines.push(format!("{shown}{at}: {}: {}: {}", p.document, p.path, p.message));
                 }
             }
         }

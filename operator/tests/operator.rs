@@ -149,7 +149,13 @@ fn check_prints_every_problem_with_file_document_and_path() {
         .replace("name: products", "name: second")
         .replace("per: 10s", "per: ten")
         .replace("maxAge: 60s", "maxAgee: 60s");
-    std::fs::write(&file, format!("{quickstart}---\n{second}")).unwrap();
+    let text = format!("{quickstart}---\n{second}");
+    std::fs::write(&file, &text).unwrap();
+    // Where each field is: `FILE:LINE:COLUMN:`, as a compiler says it (the second document's).
+    let at = |field: &str| {
+        let (n, line) = text.lines().enumerate().filter(|(_, l)| l.contains(field)).last().unwrap();
+        format!("{}:{}", n + 1, line.find(field).unwrap() + 1)
+    };
     let out = Command::new(BIN).arg("check").arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -159,10 +165,12 @@ fn check_prints_every_problem_with_file_document_and_path() {
         lines,
         [
             format!(
-                "{shown}: second: spec.routes[0].cache.maxAgee: unknown field \"maxAgee\"; did you mean \"maxAge\"?"
+                "{shown}:{}: second: spec.routes[0].cache.maxAgee: unknown field \"maxAgee\"; did you mean \"maxAge\"?",
+                at("maxAgee")
             ),
             format!(
-                "{shown}: second: spec.routes[2].rateLimit.per: \"ten\" is not a duration: each part must start with a number (write it like 250ms, 1m30s, 2h or 30d)"
+                "{shown}:{}: second: spec.routes[2].rateLimit.per: \"ten\" is not a duration: each part must start with a number (write it like 250ms, 1m30s, 2h or 30d)",
+                at("per: ten")
             ),
         ]
     );
@@ -201,14 +209,23 @@ fn check_reports_type_and_rule_problems_in_one_run_and_reads_stdin() {
         stdout.lines().find(|l| l.contains(path)).unwrap_or_else(|| panic!("no {path}: {stdout}"))
     };
     // The type errors…
-    assert!(find("-: typed: spec.upstream.timeout:").contains("without a space"), "{stdout}");
+    assert!(find(": typed: spec.upstream.timeout:").contains("without a space"), "{stdout}");
     // …and, in the same run, the rule checks of what is left.
-    let regex = find("-: typed: spec.routes[0].match.path.regex:");
+    let regex = find(": typed: spec.routes[0].match.path.regex:");
     assert!(regex.contains("not a valid regular expression") && !regex.contains("^(?:"), "{regex}");
-    assert!(find("-: misspelt: kind:").contains("use ApiPolicy"), "{stdout}");
+    assert!(find(": misspelt: kind:").contains("use ApiPolicy"), "{stdout}");
     for line in stdout.lines() {
-        assert!(line.starts_with("-: "), "one problem a line: {line:?}");
+        assert!(line.starts_with("-:"), "one problem a line: {line:?}");
     }
+    // The line and column of the field: the typed document's timeout is on the quickstart's
+    // line of `timeout: 15s`, one document further down.
+    let first = quickstart.lines().position(|l| l.contains("timeout: 15s")).unwrap() + 1;
+    let column = quickstart.lines().nth(first - 1).unwrap().find("timeout").unwrap() + 1;
+    let offset = quickstart.lines().count() + 1;
+    assert!(
+        find(": typed: spec.upstream.timeout:").starts_with(&format!("-:{}:{column}: ", first + offset)),
+        "{stdout}"
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("checked 3 ApiPolicy document(s) in 1 file(s)"), "{stderr}");
 }
