@@ -107,7 +107,7 @@ impl MarkedEventReceiver for Walker {
                 self.stack.clear();
             }
             Event::Scalar(value, ..) => {
-                if let Some(Frame::Map { key: key @ None, opened }) = self.stack.last_mut() {
+                if let Some(Frame::Map { key: None, opened }) = self.stack.last_mut() {
                     let first = !std::mem::replace(opened, true);
                     if first {
                         // The mapping's own position: its first key.
