@@ -3,8 +3,8 @@
 mod agent;
 mod attacks;
 mod caching;
+mod fast_path;
 mod global;
-mod lane;
 mod limits;
 mod resilience;
 mod rfc9111;

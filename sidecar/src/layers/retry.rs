@@ -45,8 +45,9 @@ where
         if !replayable || !idempotent(&req) {
             return self.0.call(req, cx).await;
         }
-        // Boxed: the loop's state is large, and a request that is never retried should not carry it.
-        Box::pin(tries(&self.0, budget, req, cx)).await
+        // Not boxed: the loop's own state (the head kept for another try) is small beside the
+        // try's future it holds anyway, and a box costs an allocation and a copy of it all.
+        tries(&self.0, budget, req, cx).await
     }
 }
 

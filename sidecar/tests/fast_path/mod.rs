@@ -1,4 +1,4 @@
-//! The cache-hit lane over raw sockets: hits answered from the request bytes, everything else
+//! The cache-hit fast path (`--hit-lane`) over raw sockets: hits answered from the request bytes, everything else
 //! handed to hyper, in order, on the same connection.
 
 use std::time::Duration;
