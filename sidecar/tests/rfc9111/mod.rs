@@ -18,6 +18,9 @@ const ROUTES: &str = "  - name: origin
   - name: statuses
     match: {path: {prefix: /app/only200}, methods: [GET, HEAD]}
     cache: {mode: Override, maxAge: 60s, statuses: [200]}
+  - name: cookies
+    match: {path: {prefix: /app/cookies}, methods: [GET, HEAD]}
+    cache: {mode: Origin, store: {storeSetCookie: true}}
 ";
 
 async fn cache_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
@@ -318,4 +321,22 @@ async fn ranges_are_served_from_a_stored_entry() {
     let changed = ask(&c, &sc, "GET", t, &[("range", "bytes=0-4"), ("if-range", "\"other\"")]).await;
     assert_eq!((changed.status, changed.body), (StatusCode::OK, whole.body));
     assert_eq!(up.hits("/app/o/range"), 1, "one request to the app, for all of it");
+}
+
+/// With `store.storeSetCookie: true` a response that sets a cookie keeps the lifetime its
+/// Cache-Control gives (it was 0 before); without it, it is not stored.
+#[tokio::test]
+async fn store_set_cookie_keeps_the_lifetime() {
+    let up = Upstream::start().await;
+    let dir = TempDir::new("rfc-cookie");
+    let sc = cache_sidecar(&up, &dir).await;
+    let c = client();
+    for (t, stored) in [
+        ("/app/cookies/a?cc=max-age=100&cookie=a%3Db", true),
+        ("/app/o/cookie?cc=max-age=100&cookie=a%3Db", false),
+    ] {
+        get_(&c, &sc, t).await;
+        let again = get_(&c, &sc, t).await;
+        assert_eq!(again.cache_status().contains("hit"), stored, "{t}: {}", again.cache_status());
+    }
 }
