@@ -78,7 +78,20 @@ pub fn validate(policy: &ApiPolicy) -> Result<(), Vec<ValidationError>> {
 
 fn spec(p: &mut Problems, s: &ApiPolicySpec) {
     selector(p, s);
+    upstream(p, s);
 
+    let ctx = Ctx { spec: s };
+    if let Some(defaults) = &s.defaults {
+        ctx.settings(p, "spec.defaults", defaults, &[]);
+    }
+    let names = routes(p, s, &ctx);
+    slos(p, s, &names);
+    priorities(p, s, &names);
+    health_checks(p, s);
+}
+
+/// The upstream, the trusted proxies and Redis.
+fn upstream(p: &mut Problems, s: &ApiPolicySpec) {
     p.duration_opt("spec.upstream.timeout", s.upstream.timeout.as_ref(), 1, HOUR);
     p.duration_opt("spec.upstream.connectTimeout", s.upstream.connect_timeout.as_ref(), 1, MINUTE);
     p.duration_opt("spec.upstream.idleTimeout", s.upstream.idle_timeout.as_ref(), SECOND, HOUR);
@@ -116,12 +129,11 @@ fn spec(p: &mut Problems, s: &ApiPolicySpec) {
         }
         p.duration_opt("spec.redis.timeout", redis.timeout.as_ref(), 1, 10 * SECOND);
     }
+}
 
-    let ctx = Ctx { spec: s };
-    if let Some(defaults) = &s.defaults {
-        ctx.settings(p, "spec.defaults", defaults, &[]);
-    }
-
+/// Each route's name, match and settings, and routes that can never match; returns the
+/// route names by index.
+fn routes<'s>(p: &mut Problems, s: &'s ApiPolicySpec, ctx: &Ctx<'_>) -> HashMap<&'s str, usize> {
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, route) in s.routes.iter().enumerate() {
         let at = format!("spec.routes[{i}]");
@@ -164,7 +176,10 @@ fn spec(p: &mut Problems, s: &ApiPolicySpec) {
             }
         }
     }
+    names
+}
 
+fn slos(p: &mut Problems, s: &ApiPolicySpec, names: &HashMap<&str, usize>) {
     let mut slo_names: HashMap<&str, usize> = HashMap::new();
     for (i, slo) in s.slos.iter().enumerate() {
         let at = format!("spec.slos[{i}]");
@@ -231,7 +246,10 @@ fn spec(p: &mut Problems, s: &ApiPolicySpec) {
             }
         }
     }
+}
 
+/// `spec.priorities`, and the SLO protections that need them.
+fn priorities(p: &mut Problems, s: &ApiPolicySpec, names: &HashMap<&str, usize>) {
     for (i, prio) in s.priorities.iter().enumerate() {
         let at = format!("spec.priorities[{i}]");
         if prio.header.is_none() && prio.routes.is_empty() {
@@ -268,7 +286,9 @@ fn spec(p: &mut Problems, s: &ApiPolicySpec) {
             );
         }
     }
+}
 
+fn health_checks(p: &mut Problems, s: &ApiPolicySpec) {
     if let Some(hc) = &s.health_checks {
         if let Some(up) = &hc.upstream {
             if !up.path.starts_with('/') {

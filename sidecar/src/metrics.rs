@@ -56,46 +56,31 @@ struct ResilienceMetrics {
 
 impl ResilienceMetrics {
     fn register(registry: &Registry) -> Self {
-        let retries = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_retries_total",
-                "Requests that were retried, by how they ended: success (a retry got an answer the route does not retry) or failure (the last try failed too, or no time or budget was left).",
-            ),
+        let retries = counters(
+            "apipolicy_retries_total",
+            "Requests that were retried, by how they ended: success (a retry got an answer the route does not retry) or failure (the last try failed too, or no time or budget was left).",
             &["route", "result"],
-        )
-        .expect("valid metric");
-        let budget_exhausted = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_retry_budget_exhausted_total",
-                "Retries not made because the route's retry budget was spent.",
-            ),
+        );
+        let budget_exhausted = counters(
+            "apipolicy_retry_budget_exhausted_total",
+            "Retries not made because the route's retry budget was spent.",
             &["route"],
-        )
-        .expect("valid metric");
-        let circuit_state = IntGaugeVec::new(
-            Opts::new(
-                "apipolicy_circuit_state",
-                "The route's circuit breaker: 0 closed, 1 half-open (probing), 2 open (failing fast).",
-            ),
+        );
+        let circuit_state = gauges(
+            "apipolicy_circuit_state",
+            "The route's circuit breaker: 0 closed, 1 half-open (probing), 2 open (failing fast).",
             &["route"],
-        )
-        .expect("valid metric");
-        let concurrency_limit = IntGaugeVec::new(
-            Opts::new(
-                "apipolicy_concurrency_limit",
-                "The route's adaptive concurrency limit now: requests it lets in flight to the app.",
-            ),
+        );
+        let concurrency_limit = gauges(
+            "apipolicy_concurrency_limit",
+            "The route's adaptive concurrency limit now: requests it lets in flight to the app.",
             &["route"],
-        )
-        .expect("valid metric");
-        let protection_active = IntGaugeVec::new(
-            Opts::new(
-                "apipolicy_protection_active",
-                "1 while an SLO's protection (slos[].protect) is on, as this pod sees the SLO.",
-            ),
+        );
+        let protection_active = gauges(
+            "apipolicy_protection_active",
+            "1 while an SLO's protection (slos[].protect) is on, as this pod sees the SLO.",
             &["slo"],
-        )
-        .expect("valid metric");
+        );
         for c in [
             Box::new(retries.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(budget_exhausted.clone()),
@@ -107,6 +92,18 @@ impl ResilienceMetrics {
         }
         Self { retries, budget_exhausted, circuit_state, concurrency_limit, protection_active }
     }
+}
+
+fn counters(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauges(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn float_gauges(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 /// The cache lookup counters of one route, by result.
@@ -133,11 +130,11 @@ pub struct SloMetrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("apipolicy_requests_total", "Requests answered, by route, method and status code."),
+        let requests = counters(
+            "apipolicy_requests_total",
+            "Requests answered, by route, method and status code.",
             &["route", "method", "code"],
-        )
-        .expect("valid metric");
+        );
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "apipolicy_request_duration_seconds",
@@ -156,11 +153,11 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
-        let config_revision = IntGaugeVec::new(
-            Opts::new("apipolicy_config_revision_info", "The config revision the sidecar runs (value 1)."),
+        let config_revision = gauges(
+            "apipolicy_config_revision_info",
+            "The config revision the sidecar runs (value 1).",
             &["revision"],
-        )
-        .expect("valid metric");
+        );
         let config_reload_errors = IntCounter::new(
             "apipolicy_config_reload_errors_total",
             "Config files that were refused; the last good config stayed active.",
@@ -175,38 +172,26 @@ impl Metrics {
             "Client connections closed at once because --max-connections were open.",
         )
         .expect("valid metric");
-        let ratelimit_decisions = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_ratelimit_decisions_total",
-                "Rate-limit decisions: allowed, limited (429), or shadow_limited (would have been limited; Shadow mode).",
-            ),
+        let ratelimit_decisions = counters(
+            "apipolicy_ratelimit_decisions_total",
+            "Rate-limit decisions: allowed, limited (429), or shadow_limited (would have been limited; Shadow mode).",
             &["route", "decision"],
-        )
-        .expect("valid metric");
-        let shed = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_shed_total",
-                "Requests refused with 503 by load shedding: the route's concurrency limit was reached, or SLO protection shed the request's priority class (critical, default, sheddable).",
-            ),
+        );
+        let shed = counters(
+            "apipolicy_shed_total",
+            "Requests refused with 503 by load shedding: the route's concurrency limit was reached, or SLO protection shed the request's priority class (critical, default, sheddable).",
             &["route", "priority"],
-        )
-        .expect("valid metric");
-        let route_in_flight = IntGaugeVec::new(
-            Opts::new(
-                "apipolicy_route_in_flight",
-                "Requests of a route with a concurrency limit in flight now.",
-            ),
+        );
+        let route_in_flight = gauges(
+            "apipolicy_route_in_flight",
+            "Requests of a route with a concurrency limit in flight now.",
             &["route"],
-        )
-        .expect("valid metric");
-        let redis_errors = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_ratelimit_store_errors_total",
-                "Rate-limit decisions of scope: Global made without Redis (and shared-cache calls that got no answer), by reason: error, timeout, circuit_open.",
-            ),
+        );
+        let redis_errors = counters(
+            "apipolicy_ratelimit_store_errors_total",
+            "Rate-limit decisions of scope: Global made without Redis (and shared-cache calls that got no answer), by reason: error, timeout, circuit_open.",
             &["reason"],
-        )
-        .expect("valid metric");
+        );
         for reason in StoreErrors::REASONS {
             redis_errors.with_label_values(&[reason]);
         }
@@ -218,65 +203,47 @@ impl Metrics {
             .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
         )
         .expect("valid metric");
-        let health_up = IntGaugeVec::new(
-            Opts::new(
-                "apipolicy_health_check_up",
-                "1 when the health check is up, 0 when it is down or has no result yet.",
-            ),
+        let health_up = gauges(
+            "apipolicy_health_check_up",
+            "1 when the health check is up, 0 when it is down or has no result yet.",
             &["check"],
-        )
-        .expect("valid metric");
+        );
         let health_duration = HistogramVec::new(
             HistogramOpts::new("apipolicy_health_check_duration_seconds", "Time one health check took.")
                 .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             &["check"],
         )
         .expect("valid metric");
-        let slo_requests = IntCounterVec::new(
-            Opts::new("apipolicy_slo_requests_total", "Requests an SLO counted, good or bad."),
+        let slo_requests = counters(
+            "apipolicy_slo_requests_total",
+            "Requests an SLO counted, good or bad.",
             &["slo", "result"],
-        )
-        .expect("valid metric");
-        let slo_excluded = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_slo_excluded_requests_total",
-                "Requests an SLO left out: the sidecar's own 429s, load-shedding 503s and missing-key refusals.",
-            ),
+        );
+        let slo_excluded = counters(
+            "apipolicy_slo_excluded_requests_total",
+            "Requests an SLO left out: the sidecar's own 429s, load-shedding 503s and missing-key refusals.",
             &["slo"],
-        )
-        .expect("valid metric");
-        let slo_budget = GaugeVec::new(
-            Opts::new(
-                "apipolicy_slo_error_budget_remaining",
-                "Error budget left over the SLO window, in percent (floored at -100), as this pod sees it.",
-            ),
+        );
+        let slo_budget = float_gauges(
+            "apipolicy_slo_error_budget_remaining",
+            "Error budget left over the SLO window, in percent (floored at -100), as this pod sees it.",
             &["slo"],
-        )
-        .expect("valid metric");
-        let slo_burn = GaugeVec::new(
-            Opts::new(
-                "apipolicy_slo_burn_rate",
-                "Error budget burn rate over a window, as this pod sees it (1 = on budget).",
-            ),
+        );
+        let slo_burn = float_gauges(
+            "apipolicy_slo_burn_rate",
+            "Error budget burn rate over a window, as this pod sees it (1 = on budget).",
             &["slo", "window"],
-        )
-        .expect("valid metric");
-        let cache_lookups = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_cache_lookups_total",
-                "Cache lookups by result: hit (fresh), stale (served stale), miss, revalidated (304 from the app), bypass.",
-            ),
+        );
+        let cache_lookups = counters(
+            "apipolicy_cache_lookups_total",
+            "Cache lookups by result: hit (fresh), stale (served stale), miss, revalidated (304 from the app), bypass.",
             &["route", "result"],
-        )
-        .expect("valid metric");
-        let compression_bytes = IntCounterVec::new(
-            Opts::new(
-                "apipolicy_compression_bytes_total",
-                "Bytes into and out of compression of cached bodies.",
-            ),
+        );
+        let compression_bytes = counters(
+            "apipolicy_compression_bytes_total",
+            "Bytes into and out of compression of cached bodies.",
             &["route", "direction"],
-        )
-        .expect("valid metric");
+        );
         let cache_bytes = IntGauge::new("apipolicy_cache_store_bytes", "Bytes the response cache holds.")
             .expect("valid metric");
         let cache_entries = IntGauge::new("apipolicy_cache_store_entries", "URLs the response cache holds.")
