@@ -14,7 +14,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::{
     accounting::{Finish, Ledger},
-    cache::{Store, shared::Shared},
+    cache::{Store, shared::SharedTier},
     clientip::TrustedProxies,
     clock::Clock,
     error::ProxyError,
@@ -47,7 +47,7 @@ pub struct Active {
     /// The response cache, shared by every config.
     pub store: Arc<Store>,
     /// Its tier in Redis, when the policy has Redis.
-    pub shared_cache: Option<Arc<Shared>>,
+    pub shared_cache: Option<Arc<SharedTier>>,
     /// The SLOs, in config order, and for each route the ones that count it.
     pub slos: Vec<Arc<Tracker>>,
     pub route_slos: Vec<Vec<usize>>,
@@ -343,7 +343,7 @@ impl Active {
             .filter(|_| config.spec.routes.iter().any(|r| r.cache.is_some()))
             .map(|r| match previous.and_then(|p| p.shared_cache.clone()).filter(|s| s.same(r, &scope)) {
                 Some(s) => s,
-                None => Shared::new(r.clone(), scope.clone(), settings.store.clone()),
+                None => SharedTier::new(r.clone(), scope.clone(), settings.store.clone()),
             });
         let route_slos: Vec<Vec<usize>> = config
             .spec

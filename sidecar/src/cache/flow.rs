@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use super::{
     Asks, CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
     refuse_to_store,
-    shared::{FillLock, Shared},
+    shared::{FillLock, SharedTier},
 };
 use crate::{
     accounting::Finish,
@@ -637,7 +637,7 @@ pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
 
 /// A shared entry this request may be served from now.
 async fn from_shared(
-    shared: &Shared,
+    shared: &SharedTier,
     config: &CacheConfig,
     key: &CacheKey,
     request: &HeaderMap,
@@ -654,7 +654,7 @@ async fn from_shared(
 
 /// While another pod fills the URL: look for its entry until the route's timeout.
 async fn wait_for_shared(
-    shared: &Shared,
+    shared: &SharedTier,
     config: &CacheConfig,
     route: &RouteRuntime,
     key: &CacheKey,

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use super::{CacheKey, Entry, Store};
 use crate::redis_client::Redis;
 
-pub struct Shared {
+/// The cache's tier in Redis, shared by the pods of a policy: entries, fill locks and the purge
+/// generation.
+pub struct SharedTier {
     redis: Arc<Redis>,
     /// `namespace/policy`: entries of other policies are never seen.
     scope: String,
@@ -37,7 +39,7 @@ pub struct Shared {
     subscriber: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Shared {
+impl Drop for SharedTier {
     fn drop(&mut self) {
         self.subscriber.abort();
     }
@@ -128,7 +130,7 @@ fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Shared {
+impl SharedTier {
     pub fn new(redis: Arc<Redis>, scope: String, store: Arc<Store>) -> Arc<Self> {
         let instance = fastrand::u64(..);
         let subscriber = tokio::spawn(subscribe(redis.clone(), scope.clone(), instance, store));
