@@ -62,7 +62,13 @@ fn read_config(path: &PathBuf) -> Result<(String, SidecarConfig), StartError> {
         path: path.clone(),
         problems: problems
             .iter()
-            .map(|p| format!("  {}: {}: {}", p.document, p.path, p.message))
+            .map(|p| match p.position {
+                Some(at) => format!(
+                    "  line {}, column {}: {}: {}: {}",
+                    at.line, at.column, p.document, p.path, p.message
+                ),
+                None => format!("  {}: {}: {}", p.document, p.path, p.message),
+            })
             .collect::<Vec<_>>()
             .join("\n"),
     })?;
@@ -277,7 +283,8 @@ fn apply(sidecar: &Sidecar, text: &str) {
         Err(problems) => {
             sidecar.metrics.config_reload_errors.inc();
             for p in &problems {
-                tracing::warn!(path = %path, document = %p.document, field = %p.path, problem = %p.message, "policy refused; keeping the last good config");
+                let (line, column) = p.position.map_or((None, None), |at| (Some(at.line), Some(at.column)));
+                tracing::warn!(path = %path, line, column, document = %p.document, field = %p.path, problem = %p.message, "policy refused; keeping the last good config");
             }
             return;
         }

@@ -619,6 +619,30 @@ fn startup_mistakes_are_one_clean_line() {
             assert_eq!(stderr.matches("No such file or directory").count(), 1, "the cause once: {stderr}");
         }
     }
+    // A policy's problem says where it is, as `check` does.
+    let text = crate::support::policy(ROUTES).replace("timeout: 300ms", "timeout: soon");
+    let line = text.lines().position(|l| l.contains("timeout: soon")).unwrap() + 1;
+    let column = text.lines().nth(line - 1).unwrap().find("timeout").unwrap() + 1;
+    let bad = dir.file("bad.yaml", &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_apipolicy-sidecar"))
+        .args([
+            "--policy",
+            bad.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--log",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("line {line}, column {column}: test: spec.routes[0].timeout:")),
+        "{stderr}"
+    );
 }
 
 /// `demo` runs a working copy of the quickstart (never the tracked example), its printed
