@@ -31,17 +31,110 @@ pub struct Metrics {
     redis_latency: Histogram,
     health_up: IntGaugeVec,
     health_duration: HistogramVec,
-    slo_requests: IntCounterVec,
-    slo_excluded: IntCounterVec,
-    slo_budget: GaugeVec,
-    slo_burn: GaugeVec,
-    cache_lookups: IntCounterVec,
-    compression_bytes: IntCounterVec,
-    pub cache_bytes: IntGauge,
-    pub cache_entries: IntGauge,
-    pub cache_evictions: IntCounter,
-    pub cache_coalesced: IntCounter,
+    slo: SloVecs,
+    cache: CacheVecs,
     resilience: ResilienceMetrics,
+}
+
+/// The SLO series, by SLO.
+#[derive(Clone)]
+struct SloVecs {
+    requests: IntCounterVec,
+    excluded: IntCounterVec,
+    budget: GaugeVec,
+    burn: GaugeVec,
+}
+
+impl SloVecs {
+    fn register(registry: &Registry) -> Self {
+        let slo_requests = counters(
+            "apipolicy_slo_requests_total",
+            "Requests an SLO counted, good or bad.",
+            &["slo", "result"],
+        );
+        let slo_excluded = counters(
+            "apipolicy_slo_excluded_requests_total",
+            "Requests an SLO left out: the sidecar's own 429s, load-shedding 503s and missing-key refusals.",
+            &["slo"],
+        );
+        let slo_budget = float_gauges(
+            "apipolicy_slo_error_budget_remaining",
+            "Error budget left over the SLO window, in percent (floored at -100), as this pod sees it.",
+            &["slo"],
+        );
+        let slo_burn = float_gauges(
+            "apipolicy_slo_burn_rate",
+            "Error budget burn rate over a window, as this pod sees it (1 = on budget).",
+            &["slo", "window"],
+        );
+        for c in [
+            Box::new(slo_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(slo_excluded.clone()),
+            Box::new(slo_budget.clone()),
+            Box::new(slo_burn.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self { requests: slo_requests, excluded: slo_excluded, budget: slo_budget, burn: slo_burn }
+    }
+}
+
+/// The cache's series: lookups and compression by route, and the store's size.
+#[derive(Clone)]
+struct CacheVecs {
+    lookups: IntCounterVec,
+    compression_bytes: IntCounterVec,
+    bytes: IntGauge,
+    entries: IntGauge,
+    evictions: IntCounter,
+    coalesced: IntCounter,
+}
+
+impl CacheVecs {
+    fn register(registry: &Registry) -> Self {
+        let cache_lookups = counters(
+            "apipolicy_cache_lookups_total",
+            "Cache lookups by result: hit (fresh), stale (served stale), miss, revalidated (304 from the app), bypass.",
+            &["route", "result"],
+        );
+        let compression_bytes = counters(
+            "apipolicy_compression_bytes_total",
+            "Bytes into and out of compression of cached bodies.",
+            &["route", "direction"],
+        );
+        let cache_bytes = IntGauge::new("apipolicy_cache_store_bytes", "Bytes the response cache holds.")
+            .expect("valid metric");
+        let cache_entries = IntGauge::new("apipolicy_cache_store_entries", "URLs the response cache holds.")
+            .expect("valid metric");
+        let cache_evictions = IntCounter::new(
+            "apipolicy_cache_evictions_total",
+            "Cached URLs evicted to stay within the cache's size.",
+        )
+        .expect("valid metric");
+        let cache_coalesced = IntCounter::new(
+            "apipolicy_cache_coalesced_total",
+            "Cache misses that waited for a request in flight for the same URL instead of asking the app.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(cache_lookups.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(compression_bytes.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_coalesced.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            lookups: cache_lookups,
+            compression_bytes,
+            bytes: cache_bytes,
+            entries: cache_entries,
+            evictions: cache_evictions,
+            coalesced: cache_coalesced,
+        }
+    }
 }
 
 /// Retries and circuit breakers, by route.
@@ -214,50 +307,6 @@ impl Metrics {
             &["check"],
         )
         .expect("valid metric");
-        let slo_requests = counters(
-            "apipolicy_slo_requests_total",
-            "Requests an SLO counted, good or bad.",
-            &["slo", "result"],
-        );
-        let slo_excluded = counters(
-            "apipolicy_slo_excluded_requests_total",
-            "Requests an SLO left out: the sidecar's own 429s, load-shedding 503s and missing-key refusals.",
-            &["slo"],
-        );
-        let slo_budget = float_gauges(
-            "apipolicy_slo_error_budget_remaining",
-            "Error budget left over the SLO window, in percent (floored at -100), as this pod sees it.",
-            &["slo"],
-        );
-        let slo_burn = float_gauges(
-            "apipolicy_slo_burn_rate",
-            "Error budget burn rate over a window, as this pod sees it (1 = on budget).",
-            &["slo", "window"],
-        );
-        let cache_lookups = counters(
-            "apipolicy_cache_lookups_total",
-            "Cache lookups by result: hit (fresh), stale (served stale), miss, revalidated (304 from the app), bypass.",
-            &["route", "result"],
-        );
-        let compression_bytes = counters(
-            "apipolicy_compression_bytes_total",
-            "Bytes into and out of compression of cached bodies.",
-            &["route", "direction"],
-        );
-        let cache_bytes = IntGauge::new("apipolicy_cache_store_bytes", "Bytes the response cache holds.")
-            .expect("valid metric");
-        let cache_entries = IntGauge::new("apipolicy_cache_store_entries", "URLs the response cache holds.")
-            .expect("valid metric");
-        let cache_evictions = IntCounter::new(
-            "apipolicy_cache_evictions_total",
-            "Cached URLs evicted to stay within the cache's size.",
-        )
-        .expect("valid metric");
-        let cache_coalesced = IntCounter::new(
-            "apipolicy_cache_coalesced_total",
-            "Cache misses that waited for a request in flight for the same URL instead of asking the app.",
-        )
-        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -274,23 +323,17 @@ impl Metrics {
             Box::new(redis_latency.clone()),
             Box::new(health_up.clone()),
             Box::new(health_duration.clone()),
-            Box::new(slo_requests.clone()),
-            Box::new(slo_excluded.clone()),
-            Box::new(slo_budget.clone()),
-            Box::new(slo_burn.clone()),
-            Box::new(cache_lookups.clone()),
-            Box::new(compression_bytes.clone()),
-            Box::new(cache_bytes.clone()),
-            Box::new(cache_entries.clone()),
-            Box::new(cache_evictions.clone()),
-            Box::new(cache_coalesced.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         let resilience = ResilienceMetrics::register(&registry);
+        let slo = SloVecs::register(&registry);
+        let cache = CacheVecs::register(&registry);
         Self {
             resilience,
+            slo,
+            cache,
             registry,
             requests,
             request_duration,
@@ -307,21 +350,11 @@ impl Metrics {
             redis_latency,
             health_up,
             health_duration,
-            slo_requests,
-            slo_excluded,
-            slo_budget,
-            slo_burn,
-            cache_lookups,
-            compression_bytes,
-            cache_bytes,
-            cache_entries,
-            cache_evictions,
-            cache_coalesced,
         }
     }
 
     pub fn cache_lookups(&self, route: &str) -> CacheLookups {
-        let c = |r| self.cache_lookups.with_label_values(&[route, r]);
+        let c = |r| self.cache.lookups.with_label_values(&[route, r]);
         CacheLookups {
             hit: c("hit"),
             stale: c("stale"),
@@ -334,8 +367,8 @@ impl Metrics {
     /// Bytes in and out of compression for a route.
     pub fn compression_bytes(&self, route: &str) -> (IntCounter, IntCounter) {
         (
-            self.compression_bytes.with_label_values(&[route, "in"]),
-            self.compression_bytes.with_label_values(&[route, "out"]),
+            self.cache.compression_bytes.with_label_values(&[route, "in"]),
+            self.cache.compression_bytes.with_label_values(&[route, "out"]),
         )
     }
 
@@ -345,13 +378,13 @@ impl Metrics {
 
     pub fn slo(&self, slo: &str) -> SloMetrics {
         SloMetrics {
-            good: self.slo_requests.with_label_values(&[slo, "good"]),
-            bad: self.slo_requests.with_label_values(&[slo, "bad"]),
-            excluded: self.slo_excluded.with_label_values(&[slo]),
-            budget: self.slo_budget.with_label_values(&[slo]),
+            good: self.slo.requests.with_label_values(&[slo, "good"]),
+            bad: self.slo.requests.with_label_values(&[slo, "bad"]),
+            excluded: self.slo.excluded.with_label_values(&[slo]),
+            budget: self.slo.budget.with_label_values(&[slo]),
             burn: apipolicy_api::slo::BURN_WINDOWS
                 .iter()
-                .map(|(w, _)| self.slo_burn.with_label_values(&[slo, w]))
+                .map(|(w, _)| self.slo.burn.with_label_values(&[slo, w]))
                 .collect(),
             protection: self.resilience.protection_active.with_label_values(&[slo]),
         }
@@ -360,12 +393,12 @@ impl Metrics {
     /// Drops the series of an SLO that left the config.
     pub fn forget_slo(&self, slo: &str) {
         for result in ["good", "bad"] {
-            let _ = self.slo_requests.remove_label_values(&[slo, result]);
+            let _ = self.slo.requests.remove_label_values(&[slo, result]);
         }
-        let _ = self.slo_excluded.remove_label_values(&[slo]);
-        let _ = self.slo_budget.remove_label_values(&[slo]);
+        let _ = self.slo.excluded.remove_label_values(&[slo]);
+        let _ = self.slo.budget.remove_label_values(&[slo]);
         for (w, _) in apipolicy_api::slo::BURN_WINDOWS {
-            let _ = self.slo_burn.remove_label_values(&[slo, w]);
+            let _ = self.slo.burn.remove_label_values(&[slo, w]);
         }
         let _ = self.resilience.protection_active.remove_label_values(&[slo]);
     }
@@ -393,6 +426,12 @@ impl Metrics {
             r.retries.with_label_values(&[route, "failure"]),
             r.budget_exhausted.with_label_values(&[route]),
         )
+    }
+
+    /// The response store's series (its size, evictions, coalesced misses).
+    pub fn cache_store(&self) -> (IntGauge, IntGauge, IntCounter, IntCounter) {
+        let c = &self.cache;
+        (c.bytes.clone(), c.entries.clone(), c.evictions.clone(), c.coalesced.clone())
     }
 
     /// The adaptive concurrency limit gauge of a route.

@@ -89,15 +89,10 @@ pub async fn start(options: Options) -> Result<Handle, StartError> {
         access_log: options.access_log,
         slos: slos.clone(),
         clock: options.clock.clone(),
-        store: Arc::new(Store::new(
-            options.cache_bytes,
-            CacheMetrics {
-                bytes: metrics.cache_bytes.clone(),
-                entries: metrics.cache_entries.clone(),
-                evictions: metrics.cache_evictions.clone(),
-                coalesced: metrics.cache_coalesced.clone(),
-            },
-        )),
+        store: Arc::new(Store::new(options.cache_bytes, {
+            let (bytes, entries, evictions, coalesced) = metrics.cache_store();
+            CacheMetrics { bytes, entries, evictions, coalesced }
+        })),
     };
     let active = Active::build(config, &settings, None, options.replicas)
         .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
