@@ -262,7 +262,7 @@ impl Breaker {
 /// to response headers of the window's requests is compared with the app's ideal (the lowest
 /// window average seen, which the limit's low start measures). While even the slowest stays
 /// within `latencyTolerance` × ideal the limit grows (by its square root while the slowest is
-/// within half the tolerance, by one past that: more in flight is still fast); beyond it, the
+/// within half the tolerance, by one past that while one more would stay within it); beyond it, the
 /// limit is scaled by tolerance × ideal / slowest, by at least a tenth and at most a half.
 /// Judging by the slowest request rather than the average is what keeps the tail of admitted
 /// requests, not just their middle, within the tolerance. The ideal drifts a tenth of the way
@@ -345,7 +345,9 @@ impl Gradient {
         let next = if slowest <= 1.0 + (tolerance - 1.0) / 2.0 {
             limit + limit.sqrt().max(1.0)
         } else if slowest <= tolerance {
-            limit + 1.0
+            // One more in flight adds about a request's share of the queue: grow only while
+            // that still keeps the slowest within the tolerance.
+            if slowest * (limit + 1.0) / limit <= tolerance { limit + 1.0 } else { limit }
         } else {
             (limit * (tolerance / slowest).clamp(0.5, 0.9)).floor()
         };
