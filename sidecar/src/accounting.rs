@@ -1,4 +1,4 @@
-//! What is recorded of every request once its response ends: a [`Finish`] rides on the
+//! What is recorded of every request once its response ends: an [`Accounting`] rides on the
 //! response body and, when the body ends (or the client goes away), hands what it saw to the
 //! [`Ledger`] of the config the request ran under (metrics, SLO counters, the access log).
 //!
@@ -17,15 +17,15 @@ pub trait Ledger: Send + Sync {
     /// Whether the access log is on (a request then keeps its path and id for it).
     fn logs_access(&self) -> bool;
     /// A client's request whose response ended after `elapsed`, `bytes` of body sent.
-    fn record(&self, entry: &Finish, elapsed: Duration, bytes: u64);
+    fn record(&self, entry: &Accounting, elapsed: Duration, bytes: u64);
     /// A client's request dropped before its answer began (the client went away).
-    fn abandon(&self, entry: &Finish, elapsed: Duration);
+    fn abandon(&self, entry: &Accounting, elapsed: Duration);
     /// Gives back one of the route's concurrency slots.
     fn release_slot(&self, route: usize);
 }
 
 /// What is recorded when a response ends.
-pub struct Finish {
+pub struct Accounting {
     pub method: Method,
     /// Only with the access log on.
     pub path: Option<PathAndQuery>,
@@ -39,13 +39,13 @@ pub struct Finish {
     /// The sidecar answered because the policy worked as meant (429, shedding): SLOs leave
     /// such requests out.
     pub policy_answer: bool,
-    /// A client's request, counted in flight until [`Finish::done`] (or until dropped: a
+    /// A client's request, counted in flight until [`Accounting::done`] (or until dropped: a
     /// request whose client went away before its answer began).
     counted: bool,
     ledger: Arc<dyn Ledger>,
 }
 
-impl Drop for Finish {
+impl Drop for Accounting {
     /// A request dropped before its answer began (its client went away, and hyper dropped the
     /// handler): it gives back its `maxInFlight` slot and its place in flight, and counts as
     /// 499 (nginx's "client closed request") in the request metrics; SLOs do not count it.
@@ -58,7 +58,7 @@ impl Drop for Finish {
     }
 }
 
-impl Finish {
+impl Accounting {
     pub fn route(&self) -> usize {
         self.route
     }
@@ -90,7 +90,7 @@ impl Finish {
     }
 
     /// For work the sidecar does on its own (a background revalidation): it counts nothing,
-    /// but may hold a concurrency slot, given back by [`Finish::release`].
+    /// but may hold a concurrency slot, given back by [`Accounting::release`].
     pub fn background(ledger: Arc<dyn Ledger>, route: usize) -> Self {
         Self {
             method: Method::GET,

@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
-use crate::accounting::Finish;
+use crate::accounting::Accounting;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,13 +75,13 @@ impl IdleTimer {
 
 pin_project_lite::pin_project! {
     /// A response body: the upstream's, streamed, or one the sidecar made. When it ends, or the
-    /// client goes away, its `Finish` runs once with the bytes sent (metrics, access log).
+    /// client goes away, its `Accounting` runs once with the bytes sent (metrics, access log).
     pub struct ProxyBody {
         #[pin]
         inner: Inner,
         idle: IdleTimer,
         sent: u64,
-        finish: Option<Finish>,
+        finish: Option<Accounting>,
     }
 
     impl PinnedDrop for ProxyBody {
@@ -154,7 +154,7 @@ impl ProxyBody {
     }
 
     /// Runs `finish` when the body ends or is dropped.
-    pub fn on_finish(&mut self, finish: Finish) {
+    pub fn on_finish(&mut self, finish: Accounting) {
         self.finish = Some(finish);
     }
 }

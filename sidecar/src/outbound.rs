@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::{
-    accounting::Finish,
+    accounting::Accounting,
     body::{ClientBodyError, IdleTimer, ProxyBody, Stalled, UpstreamBody},
     error::ProxyError,
     headers::X_REQUEST_ID,
@@ -163,7 +163,7 @@ async fn send(
     active: &Active,
     route: &RouteRuntime,
     mut req: Request<UpstreamBody>,
-    finish: &mut Finish,
+    finish: &mut Accounting,
     try_limit: Option<std::time::Duration>,
 ) -> Result<Response<Incoming>, ProxyError> {
     frame(&mut req);

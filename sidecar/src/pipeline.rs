@@ -21,7 +21,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::{
-    accounting::Finish,
+    accounting::Accounting,
     body::{ProxyBody, UpstreamBody},
     error::ProxyError,
     routes::PathError,
@@ -38,7 +38,7 @@ pub struct Cx<'a> {
     pub peer: SocketAddr,
     pub id: &'a HeaderValue,
     /// What is recorded when the response ends.
-    pub finish: &'a mut Finish,
+    pub finish: &'a mut Accounting,
     /// Why the request's path is refused, when it is (it then matched no route).
     pub bad_path: Option<PathError>,
     /// How long the current try to the app may wait for its response headers, when a retry

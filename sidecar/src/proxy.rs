@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tower::{ServiceBuilder, layer::layer_fn};
 
 use crate::{
-    accounting::Finish,
+    accounting::Accounting,
     body::ProxyBody,
     headers::{Raw, RequestHeaders, X_REQUEST_ID},
     layers::{
@@ -92,7 +92,7 @@ impl Proxy {
             Err(e) => (active.routes.len() - 1, Some(e)),
         };
         active.in_flight.inc();
-        let mut finish = Finish::request(active.clone(), req.method(), index, &id, start, || {
+        let mut finish = Accounting::request(active.clone(), req.method(), index, &id, start, || {
             req.uri().path_and_query().cloned()
         });
         let route = &active.routes[index];
@@ -155,18 +155,18 @@ pub enum HitAnswer {
         id: HeaderValue,
         // Boxed, as the refusal: a plain hit's answer stays small (it is moved a few times).
         limit: Option<Box<crate::ratelimit::applied::Applied>>,
-        finish: Finish,
+        finish: Accounting,
     },
     Refused {
         response: Box<Response<ProxyBody>>,
-        finish: Finish,
+        finish: Accounting,
     },
 }
 
 impl Proxy {
     /// Answers a plain hit for the fast path, doing what [`Proxy::handle`] does for it (request
     /// id, route, a limit kept in this pod, cache hit, metrics, SLOs and access log through
-    /// [`Finish`]); `None` when the request needs more than that (a miss, a `Global` limit, a
+    /// [`Accounting`]); `None` when the request needs more than that (a miss, a `Global` limit, a
     /// conditional, a `Cache-Control` of the client's…): the fast path hands it to hyper and
     /// [`Proxy::handle`]. The limit is asked only once the hit is certain, so that a request
     /// handed over is never counted twice.
@@ -194,7 +194,7 @@ impl Proxy {
         if route.limiter.is_some() && active.protection(index).tighten_permille.is_some() {
             return None;
         }
-        let asks = crate::cache::Asks::of(&req.headers);
+        let asks = crate::cache::RequestCacheHeaders::of(&req.headers);
         if !asks.plain() {
             return None;
         }
@@ -212,7 +212,7 @@ impl Proxy {
         };
         let id = self.ids.for_request(&req.headers);
         active.in_flight.inc();
-        let mut finish = Finish::request(active.clone(), req.method, index, &id, start, || {
+        let mut finish = Accounting::request(active.clone(), req.method, index, &id, start, || {
             PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(req.target.as_bytes())).ok()
         });
         finish.status = hit.status.as_u16();

@@ -13,7 +13,7 @@ use apipolicy_api::{CacheConfig, CompressionConfig, SidecarConfig};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::{
-    accounting::{Finish, Ledger},
+    accounting::{Accounting, Ledger},
     cache::{Store, shared::SharedTier},
     clientip::TrustedProxies,
     clock::Clock,
@@ -396,7 +396,7 @@ impl Ledger for Active {
         self.access_log
     }
 
-    fn record(&self, entry: &Finish, elapsed: Duration, bytes: u64) {
+    fn record(&self, entry: &Accounting, elapsed: Duration, bytes: u64) {
         let route = &self.routes[entry.route()];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
@@ -420,7 +420,7 @@ impl Ledger for Active {
         }
     }
 
-    fn abandon(&self, entry: &Finish, elapsed: Duration) {
+    fn abandon(&self, entry: &Accounting, elapsed: Duration) {
         let route = &self.routes[entry.route()];
         route.metrics.request_duration.observe(elapsed.as_secs_f64());
         route.metrics.count(&entry.method, 499);

@@ -14,12 +14,12 @@ use http::{
 use hyper::body::Incoming;
 
 use super::{
-    Asks, CACHE_STATUS, CacheKey, Entry, Flight, Lookup, conditional, effective_headers, entry, refreshed,
-    refuse_to_store,
+    CACHE_STATUS, CacheKey, Entry, Flight, Lookup, RequestCacheHeaders, conditional, effective_headers,
+    entry, refreshed, refuse_to_store,
     shared::{FillLock, SharedTier},
 };
 use crate::{
-    accounting::Finish,
+    accounting::Accounting,
     body::{Buffered, ProxyBody, UpstreamBody, buffer},
     clock::Clock,
     compress,
@@ -63,7 +63,11 @@ fn host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
 /// Authorization, since the policy would make a per-user answer public). A GET or HEAD with a
 /// body bypasses it too: the body is not in the cache key, so the request goes to the app as
 /// sent, body and all, and its answer is not stored.
-pub fn eligible<B: http_body::Body>(config: &CacheConfig, req: &Request<B>, asks: Asks) -> Option<bool> {
+pub fn eligible<B: http_body::Body>(
+    config: &CacheConfig,
+    req: &Request<B>,
+    asks: RequestCacheHeaders,
+) -> Option<bool> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return None;
     }
@@ -87,7 +91,7 @@ fn cache_status(kind: &str) -> HeaderValue {
 pub async fn serve<U: ToApp>(
     upstream: U,
     req: Request<Incoming>,
-    asks: Asks,
+    asks: RequestCacheHeaders,
     cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (active, route) = (cx.active, cx.route);
@@ -205,7 +209,7 @@ async fn serve_full<U: ToApp>(
     Ok(pass_through(config, resp, "fwd=bypass"))
 }
 
-/// Asks the app (conditionally when a stale entry can be revalidated).
+/// RequestCacheHeaders the app (conditionally when a stale entry can be revalidated).
 #[allow(clippy::too_many_arguments)]
 async fn fetch<U: ToApp>(
     upstream: &U,
@@ -490,13 +494,13 @@ pub struct Hit {
     pub body: Bytes,
 }
 
-/// The fresh entry a plain request (see [`Asks::plain`]) for this URL (host, path, query) gets,
+/// The fresh entry a plain request (see [`RequestCacheHeaders::plain`]) for this URL (host, path, query) gets,
 /// judged the same for hyper's requests and for the fast path's parsed heads.
 fn fresh(
     active: &Active,
     route: &RouteRuntime,
     headers: &impl RequestHeaders,
-    asks: Asks,
+    asks: RequestCacheHeaders,
     url: (&[u8], &str, Option<&str>),
     now: SystemTime,
 ) -> Option<Arc<Entry>> {
@@ -539,7 +543,7 @@ pub fn fast_hit(
     active: &Active,
     route: &RouteRuntime,
     headers: &Raw<'_>,
-    asks: Asks,
+    asks: RequestCacheHeaders,
     url: (&[u8], &str, Option<&str>),
 ) -> Option<Hit> {
     if asks.range || asks.conditional {
@@ -578,7 +582,7 @@ fn spawn_revalidation<U: ToApp>(upstream: U, cx: &Cx<'_>, key: CacheKey, parts: 
             return;
         };
         let client_headers = parts.headers.clone();
-        let mut finish = Finish::background(active.clone(), route_index);
+        let mut finish = Accounting::background(active.clone(), route_index);
         let mut cx = Cx {
             active: &active,
             route,

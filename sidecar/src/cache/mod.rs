@@ -342,7 +342,7 @@ impl Entry {
 /// The request headers the cache looks at, found in one pass over the names (a request has a
 /// handful; several hash lookups for headers that are usually absent cost more).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Asks {
+pub struct RequestCacheHeaders {
     pub cache_control: bool,
     pub pragma: bool,
     pub authorization: bool,
@@ -351,7 +351,7 @@ pub struct Asks {
     pub conditional: bool,
 }
 
-impl Asks {
+impl RequestCacheHeaders {
     /// From hyper's map or a request head's parsed bytes alike (names in any case).
     pub fn of(headers: &impl RequestHeaders) -> Self {
         let mut a = Self::default();
@@ -491,7 +491,7 @@ impl Store {
         Self { entries, index, flights: Mutex::new(HashMap::new()), metrics }
     }
 
-    /// The fresh entry for a plain request (see [`Asks::plain`]), judged by the entry's freshness
+    /// The fresh entry for a plain request (see [`RequestCacheHeaders::plain`]), judged by the entry's freshness
     /// and `Vary` values alone: the hit path, with no header parsing and no allocation.
     /// `None` sends the request the full way ([`Store::lookup`]), which judges every case;
     /// for a plain request both agree, since freshness and `Vary` are all it checks then.
@@ -499,7 +499,7 @@ impl Store {
         &self,
         hash: u64,
         headers: &impl RequestHeaders,
-        asks: Asks,
+        asks: RequestCacheHeaders,
         now: SystemTime,
     ) -> Option<Arc<Entry>> {
         if !asks.plain() {

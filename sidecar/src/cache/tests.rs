@@ -125,12 +125,12 @@ fn fast_hits_agree_with_the_full_judgement() {
                 for req in requests {
                     let headers = map(req);
                     let full = matches!(store.lookup(&key, &headers, at, false), Lookup::Fresh(_));
-                    match store.fresh(key.hash, &headers, Asks::of(&headers), at) {
+                    match store.fresh(key.hash, &headers, RequestCacheHeaders::of(&headers), at) {
                         Some(_) => {
                             assert!(full, "fast hit the full judgement refuses: {res:?} {req:?}");
                             fast_hits += 1;
                         }
-                        None if Asks::of(&headers).plain() && e.vary.is_some() => {
+                        None if RequestCacheHeaders::of(&headers).plain() && e.vary.is_some() => {
                             assert!(!full, "a plain request the fast path missed: {res:?} {req:?}")
                         }
                         None => judged_apart += 1,

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use crate::{
     body::ProxyBody,
-    cache::{Asks, flow},
+    cache::{RequestCacheHeaders, flow},
     outbound::Forward,
     pipeline::{Cx, Service, ToApp, rescue},
 };
@@ -39,7 +39,7 @@ where
 
     async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if let Some(cache) = &cx.route.cache {
-            let asks = Asks::of(req.headers());
+            let asks = RequestCacheHeaders::of(req.headers());
             match flow::eligible(cache, &req, asks) {
                 Some(true) => {
                     return match flow::serve(self.0.upstream(), req, asks, cx).await {
