@@ -209,7 +209,7 @@ async fn serve_full<U: ToApp>(
     Ok(pass_through(config, resp, "fwd=bypass"))
 }
 
-/// RequestCacheHeaders the app (conditionally when a stale entry can be revalidated).
+/// Asks the app (conditionally when a stale entry can be revalidated).
 #[allow(clippy::too_many_arguments)]
 async fn fetch<U: ToApp>(
     upstream: &U,
