@@ -187,8 +187,17 @@ async fn dependencies_flip_readyz_within_interval_times_threshold() {
     // The database goes away: not ready within interval × unhealthyThreshold (2 s), plus
     // one interval of phase.
     drop(dependency);
-    let (took, body) = wait_for(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(3_500)).await;
-    assert!(took <= Duration::from_millis(3_500), "{took:?}");
+    // Not ready *because the database is down* (on a machine busy with the rest of the suite the
+    // upstream's own check may miss a beat too, which says nothing of this one).
+    let t = Instant::now();
+    let body = loop {
+        let (status, body) = readyz().await;
+        if status == StatusCode::SERVICE_UNAVAILABLE && status_of(&body, "db") == "down" {
+            break body;
+        }
+        assert!(t.elapsed() < Duration::from_millis(3_500), "db not down after {:?}: {body}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let db = body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "db").unwrap().clone();
     assert_eq!(db["status"], "down");
     assert!(db["lastError"].as_str().unwrap().contains(&dep_addr.to_string()));
