@@ -226,7 +226,7 @@ async fn fetch<U: ToApp>(
     parts.headers.remove(header::RANGE);
     let revalidating = stale.is_some_and(|e| {
         let mut asked = false;
-        if let Some(etag) = e.headers.get(header::ETAG) {
+        if let Some(etag) = e.headers.get(header::ETAG).filter(|_| !e.own_etag) {
             parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
             asked = true;
         }
@@ -315,10 +315,14 @@ async fn fill<U: ToApp>(
             (Ok(resp), Flight::Uncacheable)
         }
         Ok(Buffered::Complete(bytes, hash)) => {
-            if config.etag && !parts.headers.contains_key(header::ETAG) && status == StatusCode::OK {
+            let own_etag =
+                config.etag && !parts.headers.contains_key(header::ETAG) && status == StatusCode::OK;
+            if own_etag {
                 parts.headers.insert(header::ETAG, conditional::etag_of_hash(hash));
             }
-            let e = Arc::new(entry(config, key, client_headers, status, parts.headers, bytes, now));
+            let mut e = entry(config, key, client_headers, status, parts.headers, bytes, now);
+            e.own_etag = own_etag;
+            let e = Arc::new(e);
             store.insert(key, e.clone(), client_headers, now);
             if let Some(shared) = &active.shared_cache {
                 shared.put(key, &e, client_headers, now).await;

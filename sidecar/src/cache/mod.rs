@@ -181,6 +181,11 @@ pub struct Entry {
     encoded: [OnceLock<Bytes>; 3],
     /// A background revalidation is running.
     pub revalidating: AtomicBool,
+    /// The `ETag` is the sidecar's own (`cache.etag`, for an app that sent none): it answers
+    /// the client's conditionals, but the app never issued it, so it is never sent to the app
+    /// (an `If-None-Match` the app cannot match would make it ignore `If-Modified-Since`, RFC
+    /// 9110 §13.1.3, and the entry would never be revalidated).
+    pub own_etag: bool,
     /// The request's values of the headers `Vary` names (Accept-Encoding aside), for hits
     /// judged without `http-cache-semantics`; `None` when such a judgement is not possible.
     vary: Option<Vec<(HeaderName, Option<HeaderValue>)>>,
@@ -851,7 +856,9 @@ pub fn refreshed(
         surrogate_keys: old.surrogate_keys.clone(),
         encoded: old.encoded.clone(),
     };
-    let fresh = assemble(config, key, request_headers, parts, now);
+    let mut fresh = assemble(config, key, request_headers, parts, now);
+    // A 304 with an ETag of the app's replaces the sidecar's.
+    fresh.own_etag = old.own_etag && !not_modified.contains_key(header::ETAG);
     old.revalidating.store(false, Ordering::Release);
     fresh
 }
@@ -907,6 +914,7 @@ fn assemble(
         hash: key.hash,
         encoded: p.encoded,
         revalidating: AtomicBool::new(false),
+        own_etag: false,
         heads: Default::default(),
         compressible: AtomicU64::new(0),
     }

@@ -63,6 +63,9 @@ struct Stored {
     request: Vec<(String, Vec<u8>)>,
     stored_at_ms: u64,
     generation: u64,
+    /// The `ETag` is the sidecar's own ([`Entry::own_etag`]).
+    #[serde(default)]
+    own_etag: bool,
     #[serde(with = "serde_bytes_b64")]
     body: Vec<u8>,
 }
@@ -170,7 +173,9 @@ impl SharedTier {
         let request = to_map(&stored.request);
         let status = StatusCode::from_u16(stored.status).ok()?;
         let at = UNIX_EPOCH + Duration::from_millis(stored.stored_at_ms);
-        Some(super::entry(config, key, &request, status, headers, Bytes::from(stored.body), at))
+        let mut entry = super::entry(config, key, &request, status, headers, Bytes::from(stored.body), at);
+        entry.own_etag = stored.own_etag;
+        Some(entry)
     }
 
     /// Puts an entry in the shared tier, to live as long as it may be served stale.
@@ -198,6 +203,7 @@ impl SharedTier {
                 .collect(),
             request,
             stored_at_ms: epoch_ms(now),
+            own_etag: entry.own_etag,
             generation: self.generation().await,
             body: entry.body.to_vec(),
         };

@@ -149,7 +149,9 @@ async fn app(
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let etag_matches = param(&req, "etag")
         .is_some_and(|etag| header("if-none-match").is_some_and(|inm| inm.contains(&etag)));
+    // RFC 9110 §13.1.3: If-Modified-Since is ignored when the request has If-None-Match.
     let date_matches = param(&req, "etag").is_none()
+        && header("if-none-match").is_none()
         && param(&req, "lm").is_some_and(|lm| header("if-modified-since").is_some_and(|ims| ims == lm));
     if etag_matches || date_matches {
         let mut r = Response::new(empty());
