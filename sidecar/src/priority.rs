@@ -102,10 +102,6 @@ impl Protection {
             },
         }
     }
-
-    pub fn is_on(&self) -> bool {
-        *self != Protection::default()
-    }
 }
 
 #[cfg(test)]

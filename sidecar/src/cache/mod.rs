@@ -753,24 +753,22 @@ pub fn refuse_to_store(
         return Some("Vary: *");
     }
     let targeted = judge::targeted(config, headers);
-    let policy = policy_for(config, key, request_headers, status, headers, &targeted, now);
+    let (status, judged) = judge::response(config, status, headers, &targeted);
+    let policy = policy_for(key, request_headers, status, &judged, now);
     if !policy.is_storable() {
         return Some("not storable by a shared cache");
     }
     None
 }
 
+/// The policy of a response as [`judge::response`] made it ready for judging.
 fn policy_for(
-    config: &CacheConfig,
     key: &CacheKey,
     req: &HeaderMap,
     status: StatusCode,
     res: &HeaderMap,
-    targeted: &[(HeaderName, HeaderValue)],
     now: SystemTime,
 ) -> CachePolicy {
-    let (status, res) = judge::response(config, status, res, targeted);
-    let res = &res;
     // Accept-Encoding is handled apart (one identity body, compressed forms beside it), so the
     // policy must not split variants on it.
     let vary_without_ae: Option<HeaderValue> = {
@@ -895,8 +893,10 @@ fn assemble(
     p: Parts,
     now: SystemTime,
 ) -> Entry {
-    let policy = policy_for(config, key, request_headers, p.status, &p.headers, &p.targeted, now);
-    let (stale_while_revalidate, stale_if_error) = stale_windows(config, p.status, &p.headers, &p.targeted);
+    // Judged once, for the policy and the stale windows alike.
+    let (judged_status, judged) = judge::response(config, p.status, &p.headers, &p.targeted);
+    let policy = policy_for(key, request_headers, judged_status, &judged, now);
+    let (stale_while_revalidate, stale_if_error) = stale_windows(&judged);
     Entry {
         fresh_until: now + policy.time_to_live(now),
         initial_age: policy.age(now),
@@ -923,21 +923,15 @@ fn assemble(
 /// How long past freshness the entry may be served while revalidating, and when the app
 /// fails (RFC 5861): not at all when the response must be revalidated first
 /// (`must-revalidate`, `proxy-revalidate`, `no-cache`; RFC 9111 §4.2.4, §5.2.2).
-fn stale_windows(
-    config: &CacheConfig,
-    status: StatusCode,
-    headers: &HeaderMap,
-    targeted: &[(HeaderName, HeaderValue)],
-) -> (Duration, Duration) {
-    let (_, judged) = judge::response(config, status, headers, targeted);
+fn stale_windows(judged: &HeaderMap) -> (Duration, Duration) {
     let strict = directives(judged.get_all(header::CACHE_CONTROL))
         .any(|(n, _)| matches!(n, "must-revalidate" | "proxy-revalidate" | "no-cache"));
     if strict {
         return Default::default();
     }
     (
-        directive_secs(&judged, "stale-while-revalidate").unwrap_or_default(),
-        directive_secs(&judged, "stale-if-error").unwrap_or_default(),
+        directive_secs(judged, "stale-while-revalidate").unwrap_or_default(),
+        directive_secs(judged, "stale-if-error").unwrap_or_default(),
     )
 }
 
