@@ -107,6 +107,11 @@ impl Accounting {
         }
     }
 
+    /// When the request began (its deadline's origin).
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     pub fn release(&mut self) {
         if std::mem::take(&mut self.holds_slot) {
             self.ledger.release_slot(self.route);

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apipolicy_api::{AdaptiveConfig, CircuitBreakerConfig, RetryConfig};
 use prometheus::{IntCounter, IntGauge};
@@ -102,9 +102,9 @@ impl RetryBudget {
         }
     }
 
-    /// Counts a request sent (its first try).
-    pub fn deposit(&self) {
-        self.window.add(self.clock.now_ns(), 1, 0);
+    /// Counts a request (its first try), which began `at`.
+    pub fn deposit(&self, at: Instant) {
+        self.window.add(self.clock.ns_at(at), 1, 0);
     }
 
     /// Takes one retry from the budget; `false` (counted) when it is spent.
@@ -383,7 +383,7 @@ mod tests {
     fn retries_stay_within_the_ratio_and_the_reserve() {
         let b = retry(200, 1);
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         // 20 % of 100, plus 1/s over 10 s.
         let granted = (0..100).filter(|_| b.withdraw()).count();
@@ -395,13 +395,13 @@ mod tests {
     fn the_budget_forgets_after_its_ttl() {
         let b = retry(500, 0);
         for _ in 0..10 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         assert_eq!((0..10).filter(|_| b.withdraw()).count(), 5);
         b.clock.advance(Duration::from_secs(11));
         assert!(!b.withdraw(), "no requests in the window: no retries");
-        b.deposit();
-        b.deposit();
+        b.deposit(Instant::now());
+        b.deposit(Instant::now());
         assert!(b.withdraw());
         assert!(!b.withdraw());
     }

@@ -5,21 +5,22 @@
 //! [`REPLAY_LIMIT`] (read whole before the first try, sent again from memory); a body of
 //! unknown length (chunked) or a larger one streams through once.
 
-use std::time::Duration;
+use std::{
+    cell::RefCell,
+    time::{Duration, Instant},
+};
 
 use apipolicy_api::RetryOn;
 use bytes::Bytes;
-use http::{HeaderName, Method, Request, Response, StatusCode, header, request::Parts};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 
 use crate::{
     body::UpstreamBody,
     error::ProxyError,
     pipeline::{Cx, Service},
-    resilience::RetryBudget,
 };
 
 /// The largest request body kept to be sent again.
@@ -40,59 +41,146 @@ where
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried {
         let Some(budget) = &cx.route.retry else { return self.0.call(req, cx).await };
-        budget.deposit();
+        budget.deposit(cx.finish.started());
         let replayable = req.body().size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
         if !replayable || !idempotent(&req) {
             return self.0.call(req, cx).await;
         }
-        // Not boxed: the loop's own state (the head kept for another try) is small beside the
-        // try's future it holds anyway, and a box costs an allocation and a copy of it all.
-        tries(&self.0, budget, req, cx).await
+        // The tries, in this function: another level of future would be copied whole each time
+        // a request goes through, and a box costs an allocation and the same copy.
+        let config = &budget.config;
+        let mut try_req = req;
+        let body = read_whole(try_req.body_mut()).await?;
+        *try_req.body_mut() = UpstreamBody::Replay { data: body.clone() };
+        // The first try sends the request itself; what a later one needs of its head is kept
+        // aside.
+        let spare = Spare::of(&try_req);
+        let per_try = config.per_try_timeout_ms.map(Duration::from_millis);
+        // The first try has the route's timeout, as a request without retries (no clock read);
+        // a later one what is left of it.
+        let mut limit = cx.route.timeout;
+        let mut attempt = 1;
+        loop {
+            // The app's side times the try (and the breaker below counts its timeout).
+            cx.try_limit = Some(per_try.map_or(limit, |t| t.min(limit)));
+            let outcome = self.0.call(try_req, cx).await;
+            cx.try_limit = None;
+            let failed = retry_on(&outcome, &config.on);
+            if !failed || attempt >= config.attempts {
+                if attempt > 1 {
+                    if failed { &budget.retried_failure } else { &budget.retried_success }.inc();
+                }
+                return outcome;
+            }
+            let ceiling =
+                config.backoff_max_ms.min(config.backoff_base_ms.saturating_mul(1 << (attempt - 1).min(20)));
+            let mut wait = Duration::from_millis(fastrand::u64(0..=ceiling));
+            // All tries together within the route's timeout, from the request's start.
+            let deadline = cx.finish.started() + cx.route.timeout;
+            if let Some(floor) = outcome.as_ref().ok().and_then(retry_after) {
+                wait = wait.max(floor);
+            }
+            // No time for another try, or no budget: this answer is the request's.
+            if Instant::now() + wait >= deadline || !budget.withdraw() {
+                if attempt > 1 {
+                    budget.retried_failure.inc();
+                }
+                return outcome;
+            }
+            tracing::debug!(route = %cx.route.name, attempt, wait_ms = wait.as_millis() as u64, "retrying");
+            drop(outcome);
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+            limit = deadline.saturating_duration_since(Instant::now());
+            try_req = spare.request(UpstreamBody::Replay { data: body.clone() });
+        }
     }
 }
 
-async fn tries<S>(inner: &S, budget: &RetryBudget, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried
-where
-    S: Service<Request<UpstreamBody>, Response = Tried>,
-{
-    let config = &budget.config;
-    let deadline = Instant::now() + cx.route.timeout;
-    let (parts, body) = req.into_parts();
-    let body = read_whole(body).await?;
-    let per_try = config.per_try_timeout_ms.map(Duration::from_millis);
-    let mut attempt = 1;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let limit = per_try.map_or(left, |t| t.min(left));
-        let try_req = Request::from_parts(copy(&parts), UpstreamBody::Replay { data: body.clone() });
-        // The app's side times the try (and the breaker below counts its timeout).
-        cx.try_limit = Some(limit);
-        let outcome = inner.call(try_req, cx).await;
-        cx.try_limit = None;
-        let failed = retry_on(&outcome, &config.on);
-        if !failed || attempt >= config.attempts {
-            if attempt > 1 {
-                if failed { &budget.retried_failure } else { &budget.retried_success }.inc();
+/// A request head as its first try sent it, to send again. The target and the fields are
+/// written out as lines (`target`, then `name:value`) in one buffer: clones of them cost twice
+/// as much to make and to drop (a reference count each), and most requests never need them.
+/// The buffer comes from [`BUFFERS`] and goes back there.
+struct Spare {
+    method: Method,
+    version: Version,
+    lines: Vec<u8>,
+}
+
+thread_local! {
+    /// The buffers of spares whose requests have ended, for the next ones on this thread: an
+    /// allocation and a free saved per request (at most [`KEPT`] of at most [`KEPT_CAPACITY`]
+    /// bytes).
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+const KEPT: usize = 64;
+const KEPT_CAPACITY: usize = 8 * 1024;
+
+impl Spare {
+    fn of<B>(req: &Request<B>) -> Self {
+        let mut lines = BUFFERS.with_borrow_mut(|kept| kept.pop()).unwrap_or_else(|| Vec::with_capacity(512));
+        // Origin form after `outbound::prepare`; any other written whole.
+        match req.uri().path_and_query() {
+            Some(target) if req.uri().scheme().is_none() && req.uri().authority().is_none() => {
+                lines.extend_from_slice(target.as_str().as_bytes())
             }
-            return outcome;
+            _ => lines.extend_from_slice(req.uri().to_string().as_bytes()),
         }
-        let ceiling =
-            config.backoff_max_ms.min(config.backoff_base_ms.saturating_mul(1 << (attempt - 1).min(20)));
-        let mut wait = Duration::from_millis(fastrand::u64(0..=ceiling));
-        if let Some(floor) = outcome.as_ref().ok().and_then(retry_after) {
-            wait = wait.max(floor);
+        lines.push(b'\n');
+        for (name, value) in req.headers() {
+            lines.extend_from_slice(name.as_str().as_bytes());
+            lines.push(b':');
+            // A field value never holds a line feed (`HeaderValue` refuses control bytes).
+            lines.extend_from_slice(value.as_bytes());
+            lines.push(b'\n');
         }
-        // No time for another try, or no budget: this answer is the request's.
-        if Instant::now() + wait >= deadline || !budget.withdraw() {
-            if attempt > 1 {
-                budget.retried_failure.inc();
+        Self { method: req.method().clone(), version: req.version(), lines }
+    }
+
+    /// The head again, with `body` (the request's extensions are not the app's business).
+    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.version_mut() = self.version;
+        let all = Bytes::copy_from_slice(&self.lines);
+        let mut start = 0;
+        for (i, line) in self.lines.split(|&b| b == b'\n').enumerate() {
+            let end = start + line.len();
+            let line_bytes = all.slice(start..end);
+            start = end + 1;
+            if i == 0 {
+                // It was a URI already.
+                if let Ok(uri) = Uri::from_maybe_shared(line_bytes) {
+                    *req.uri_mut() = uri;
+                }
+                continue;
             }
-            return outcome;
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
+                let name = HeaderName::from_bytes(&line[..colon]);
+                let value = HeaderValue::from_maybe_shared(line_bytes.slice(colon + 1..));
+                // Both were a name and a value already.
+                if let (Ok(name), Ok(value)) = (name, value) {
+                    req.headers_mut().append(name, value);
+                }
+            }
         }
-        tracing::debug!(route = %cx.route.name, attempt, wait_ms = wait.as_millis() as u64, "retrying");
-        drop(outcome);
-        tokio::time::sleep(wait).await;
-        attempt += 1;
+        req
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        let mut buffer = std::mem::take(&mut self.lines);
+        if buffer.capacity() <= KEPT_CAPACITY {
+            buffer.clear();
+            // Not while the thread ends (its locals may be gone).
+            let _ = BUFFERS.try_with(|kept| {
+                let mut kept = kept.borrow_mut();
+                if kept.len() < KEPT {
+                    kept.push(buffer);
+                }
+            });
+        }
     }
 }
 
@@ -104,7 +192,7 @@ fn idempotent<B>(req: &Request<B>) -> bool {
 }
 
 /// The body as bytes to send on each try (`None`: no body).
-async fn read_whole(body: UpstreamBody) -> Result<Option<Bytes>, ProxyError> {
+async fn read_whole(body: &mut UpstreamBody) -> Result<Option<Bytes>, ProxyError> {
     if body.is_end_stream() {
         return Ok(None);
     }
@@ -118,18 +206,12 @@ async fn read_whole(body: UpstreamBody) -> Result<Option<Bytes>, ProxyError> {
     Ok(Some(bytes.to_bytes()))
 }
 
-/// A copy of a request head for one try.
-fn copy(parts: &Parts) -> Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
-}
-
 /// Whether a try's outcome is one the route retries.
 fn retry_on(outcome: &Tried, on: &[RetryOn]) -> bool {
+    // Most answers: no status retried is below 400 (validation says so).
+    if outcome.as_ref().is_ok_and(|r| r.status().as_u16() < 400) {
+        return false;
+    }
     on.iter().any(|o| match (o, outcome) {
         (RetryOn::ConnectFailure, Err(ProxyError::UpstreamUnavailable(_))) => true,
         (RetryOn::Reset, Err(ProxyError::BadGateway(_))) => true,
@@ -157,4 +239,61 @@ fn retry_after(resp: &Response<Incoming>) -> Option<Duration> {
         }
     };
     Some(Duration::from_secs(secs.min(60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(target: &str) -> Request<UpstreamBody> {
+        let mut req = Request::builder()
+            .method(Method::PUT)
+            .uri(target)
+            .header(header::HOST, "app.local")
+            .header("x-custom", "one")
+            .header(header::ACCEPT, "text/plain")
+            .header("x-custom", "two, three")
+            .header("x-empty", "")
+            .header("x-colons", "a:b::c")
+            .body(UpstreamBody::Replay { data: None })
+            .unwrap();
+        req.headers_mut().append("x-obs-text", HeaderValue::from_bytes(b"caf\xe9 \t tab").unwrap());
+        req
+    }
+
+    #[test]
+    fn a_spare_sends_the_same_head_again() {
+        for target in ["/items?page=2&q=a%20b", "http://app.local:8080/items?x=1", "*"] {
+            let first = head(target);
+            let spare = Spare::of(&first);
+            let again = spare.request(UpstreamBody::Replay { data: None });
+            assert_eq!(again.method(), first.method(), "{target}");
+            assert_eq!(again.uri(), first.uri(), "{target}");
+            assert_eq!(again.version(), first.version(), "{target}");
+            let pairs = |r: &Request<UpstreamBody>| {
+                r.headers().iter().map(|(n, v)| (n.clone(), v.clone())).collect::<Vec<_>>()
+            };
+            assert_eq!(pairs(&again), pairs(&first), "{target}: every field, in order, values kept apart");
+            // A second retry from the same spare is the same again.
+            assert_eq!(pairs(&spare.request(UpstreamBody::Replay { data: None })), pairs(&first));
+        }
+    }
+
+    #[test]
+    fn a_spares_buffer_is_used_again_unless_it_grew_large() {
+        let first = head("/a");
+        let spare = Spare::of(&first);
+        let kept = spare.lines.as_ptr();
+        drop(spare);
+        let spare = Spare::of(&first);
+        assert_eq!(spare.lines.as_ptr(), kept, "the buffer came back");
+        drop(spare);
+        let mut big = head("/a");
+        big.headers_mut().insert("x-big", HeaderValue::from_str(&"b".repeat(KEPT_CAPACITY)).unwrap());
+        let spare = Spare::of(&big);
+        assert!(BUFFERS.with_borrow(|kept| kept.is_empty()), "the kept one was taken (and grew)");
+        assert!(spare.lines.capacity() > KEPT_CAPACITY);
+        drop(spare);
+        assert!(BUFFERS.with_borrow(|kept| kept.is_empty()), "a large buffer is not kept");
+    }
 }
