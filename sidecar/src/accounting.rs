@@ -3,7 +3,7 @@
 //! [`Ledger`] of the config the request ran under (metrics, SLO counters, the access log).
 //!
 //! The ledger is a trait so that bodies and this file know nothing of the config: the active
-//! config ([`crate::state::Active`]) implements it.
+//! config ([`crate::runtime::PolicyRuntime`]) implements it.
 
 use std::{
     sync::Arc,

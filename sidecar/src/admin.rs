@@ -18,7 +18,7 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if matches!(req.uri().path(), "/config" | "/purge")
-        && let Some(refused) = refusal(sidecar.options.admin_token.as_deref(), &req, peer)
+        && let Some(refused) = refusal(sidecar.flags.admin_token.as_deref(), &req, peer)
     {
         return refused;
     }
@@ -36,7 +36,7 @@ pub async fn handle(
         }
         (&Method::GET | &Method::HEAD, "/slo") => {
             let active = sidecar.proxy.active.load_full();
-            json_response(StatusCode::OK, &sidecar.settings.slos.document(&active.slos))
+            json_response(StatusCode::OK, &sidecar.process.slos.document(&active.slos))
         }
         (&Method::GET | &Method::HEAD, "/config") => {
             let active = sidecar.proxy.active.load();

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::net::TcpStream;
 
-pub use crate::sidecar::AgentOptions;
+pub use crate::sidecar::AgentFlags;
 use crate::sidecar::Sidecar;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +42,16 @@ pub enum AgentError {
 }
 
 pub struct Agent {
-    options: AgentOptions,
+    flags: AgentFlags,
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Agent {
-    pub fn new(options: AgentOptions) -> Result<Self, AgentError> {
-        let tls = match options.url.scheme_str() {
+    pub fn new(flags: AgentFlags) -> Result<Self, AgentError> {
+        let tls = match flags.url.scheme_str() {
             Some("https") => {
                 let mut roots = rustls::RootCertStore::empty();
-                if let Some(ca) = &options.ca_file {
+                if let Some(ca) = &flags.ca_file {
                     let pem = std::fs::read(ca).map_err(|e| AgentError::File(ca.clone(), e))?;
                     for cert in CertificateDer::pem_slice_iter(&pem) {
                         let cert = cert.map_err(|e| AgentError::Config(format!("{}: {e}", ca.display())))?;
@@ -73,11 +73,11 @@ impl Agent {
             _ => {
                 return Err(AgentError::Config(format!(
                     "--operator {} must be an https:// or http:// URL",
-                    options.url
+                    flags.url
                 )));
             }
         };
-        Ok(Self { options, tls })
+        Ok(Self { flags, tls })
     }
 
     /// Runs the config long-poll and the report loop until the task is aborted.
@@ -143,7 +143,7 @@ impl Agent {
 
     async fn report_loop(self: Arc<Self>, sidecar: Arc<Sidecar>) {
         let mut acked_ms = 0u64;
-        let mut tick = tokio::time::interval(self.options.report_interval);
+        let mut tick = tokio::time::interval(self.flags.report_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -151,12 +151,8 @@ impl Agent {
             if active.slos.is_empty() {
                 continue;
             }
-            let report = sidecar.settings.slos.report(
-                &self.options.pod,
-                &active.config.revision,
-                &active.slos,
-                acked_ms,
-            );
+            let report =
+                sidecar.process.slos.report(&self.flags.pod, &active.config.revision, &active.slos, acked_ms);
             let body = serde_json::to_vec(&report).unwrap_or_default();
             let (namespace, name) = Self::policy(&sidecar);
             let path = contract::reports_path(&namespace, &name);
@@ -188,16 +184,16 @@ impl Agent {
     }
 
     async fn exchange(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, AgentError> {
-        let authority = self.options.url.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        let host = self.options.url.host().unwrap_or("localhost").to_owned();
-        let port = self.options.url.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let authority = self.flags.url.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let host = self.flags.url.host().unwrap_or("localhost").to_owned();
+        let port = self.flags.url.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, &authority)
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, concat!("apipolicy-sidecar/", env!("CARGO_PKG_VERSION")));
-        if let Some(file) = &self.options.token_file {
+        if let Some(file) = &self.flags.token_file {
             let token = std::fs::read_to_string(file).map_err(|e| AgentError::File(file.clone(), e))?;
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
         }

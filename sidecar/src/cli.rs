@@ -6,7 +6,7 @@ use apipolicy_api::contract::env;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    agent::AgentOptions,
+    agent::AgentFlags,
     demo::DemoArgs,
     sidecar::{Tuning, duration},
 };
@@ -124,16 +124,16 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             None => {
                 let run = cli.run;
                 let policy = run.policy.expect("clap requires --policy");
-                let mut options = run.tuning.options(policy, run.upstream, run.listen, run.admin);
-                options.redis = run.redis;
-                options.operator = run.operator.map(|url| AgentOptions {
+                let mut flags = run.tuning.flags(policy, run.upstream, run.listen, run.admin);
+                flags.redis = run.redis;
+                flags.operator = run.operator.map(|url| AgentFlags {
                     url,
                     token_file: run.token_file,
                     ca_file: run.ca_file,
                     pod: run.pod_name,
                     report_interval: run.report_interval,
                 });
-                let handle = crate::server::start(options).await?;
+                let handle = crate::server::start(flags).await?;
                 crate::signal::stop_on_signal(&handle).await;
                 handle.wait().await;
                 Ok(())

@@ -58,9 +58,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (p, Some(dir))
         }
     };
-    let options =
-        args.tuning.options(policy.clone(), Some(format!("http://{app_addr}")), args.listen, args.admin);
-    let handle = crate::server::start(options).await?;
+    let flags =
+        args.tuning.flags(policy.clone(), Some(format!("http://{app_addr}")), args.listen, args.admin);
+    let handle = crate::server::start(flags).await?;
     let (p, a) = (handle.proxy_addr, handle.admin_addr);
     let origin = if copy.is_some() {
         " (a copy of examples/quickstart.yaml, removed when the demo stops)"

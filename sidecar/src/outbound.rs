@@ -23,7 +23,7 @@ use crate::{
     error::ProxyError,
     headers::X_REQUEST_ID,
     pipeline::{Cx, Service, rescue},
-    state::{Active, RouteRuntime},
+    runtime::{PolicyRuntime, RouteRuntime},
     upstream::SendError,
 };
 
@@ -160,7 +160,7 @@ impl Service<Request<UpstreamBody>> for Upstream {
 }
 
 async fn send(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     mut req: Request<UpstreamBody>,
     finish: &mut Accounting,

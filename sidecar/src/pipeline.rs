@@ -25,13 +25,13 @@ use crate::{
     body::{ProxyBody, UpstreamBody},
     error::ProxyError,
     routes::PathError,
-    state::{Active, RouteRuntime},
+    runtime::{PolicyRuntime, RouteRuntime},
 };
 
 /// What a request carries through the pipeline besides itself.
 pub struct Cx<'a> {
     /// The config the request runs under (one snapshot for the whole request).
-    pub active: &'a Arc<Active>,
+    pub active: &'a Arc<PolicyRuntime>,
     /// The route it matched, and that route's index in `active.routes`.
     pub route: &'a RouteRuntime,
     pub route_index: usize,

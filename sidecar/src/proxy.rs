@@ -31,7 +31,7 @@ use crate::{
     pipeline::{Cx, Service},
     request_id::RequestIds,
     routes::PathError,
-    state::Active,
+    runtime::PolicyRuntime,
 };
 
 /// The request pipeline below the request id, the route match and the accounting, in
@@ -70,12 +70,12 @@ pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>
 
 /// The proxy: the active config, swapped whole on reload.
 pub struct Proxy {
-    pub active: ArcSwap<Active>,
+    pub active: ArcSwap<PolicyRuntime>,
     ids: RequestIds,
 }
 
 impl Proxy {
-    pub fn new(active: Active) -> Self {
+    pub fn new(active: PolicyRuntime) -> Self {
         Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
     }
 
@@ -151,7 +151,7 @@ pub struct HitRequest<'a> {
 /// headers), or the limit's refusal.
 pub enum HitAnswer {
     Hit {
-        hit: crate::cache::flow::Hit,
+        hit: crate::cache::request::Hit,
         id: HeaderValue,
         // Boxed, as the refusal: a plain hit's answer stays small (it is moved a few times).
         limit: Option<Box<crate::ratelimit::applied::Applied>>,
@@ -198,10 +198,10 @@ impl Proxy {
         if !asks.plain() {
             return None;
         }
-        // As `flow::host` reads it: a Host that is not visible ASCII counts as none.
+        // As `request::host` reads it: a Host that is not visible ASCII counts as none.
         let host =
             req.headers.first(&header::HOST).filter(|h| crate::headers::is_text(h)).unwrap_or_default();
-        let hit = crate::cache::flow::fast_hit(&active, route, &req.headers, asks, (host, path, query))?;
+        let hit = crate::cache::request::fast_hit(&active, route, &req.headers, asks, (host, path, query))?;
         if route.limiter.is_some() && hit.head.limit_headers {
             return None;
         }

@@ -10,15 +10,15 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-pub use crate::sidecar::Options;
+pub use crate::sidecar::Flags;
 use crate::{
     agent::Agent,
     cache::{CacheMetrics, Store},
     metrics::Metrics,
     proxy::Proxy,
+    runtime::{PolicyRuntime, ProcessState},
     sidecar::{Conns, Sidecar, apply_config, proxy_service},
     slo::Slos,
-    state::{Active, Settings},
     upstream::Upstream,
 };
 
@@ -76,40 +76,40 @@ fn read_config(path: &PathBuf) -> Result<(String, SidecarConfig), StartError> {
 }
 
 /// Loads the policy, binds both listeners and serves until [`Handle::shutdown`].
-pub async fn start(options: Options) -> Result<Handle, StartError> {
-    let (text, config) = read_config(&options.policy)?;
+pub async fn start(flags: Flags) -> Result<Handle, StartError> {
+    let (text, config) = read_config(&flags.policy)?;
     let upstream =
-        options.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
+        flags.upstream.as_deref().map(Upstream::from_url).transpose().map_err(StartError::Upstream)?;
     let metrics = Metrics::new();
-    let slos = Arc::new(Slos::new(metrics.clone(), options.clock.clone()));
-    let settings = Settings {
+    let slos = Arc::new(Slos::new(metrics.clone(), flags.clock.clone()));
+    let process = ProcessState {
         upstream,
-        redis: options.redis.clone(),
+        redis: flags.redis.clone(),
         metrics: metrics.clone(),
-        access_log: options.access_log,
+        access_log: flags.access_log,
         slos: slos.clone(),
-        clock: options.clock.clone(),
-        store: Arc::new(Store::new(options.cache_bytes, {
+        clock: flags.clock.clone(),
+        store: Arc::new(Store::new(flags.cache_bytes, {
             let (bytes, entries, evictions, coalesced) = metrics.cache_store();
             CacheMetrics { bytes, entries, evictions, coalesced }
         })),
     };
-    let active = Active::build(config, &settings, None, options.replicas)
-        .map_err(|e| StartError::Invalid { path: options.policy.clone(), problems: e.to_string() })?;
+    let active = PolicyRuntime::build(config, &process, None, flags.replicas)
+        .map_err(|e| StartError::Invalid { path: flags.policy.clone(), problems: e.to_string() })?;
     metrics.set_revision(None, &active.config.revision);
-    tracing::info!(revision = %active.config.revision, policy = %options.policy.display(), "config loaded");
+    tracing::info!(revision = %active.config.revision, policy = %flags.policy.display(), "config loaded");
 
-    let listener = TcpListener::bind(options.listen)
+    let listener = TcpListener::bind(flags.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: options.listen, source })?;
-    let admin = TcpListener::bind(options.admin)
+        .map_err(|source| StartError::Listen { addr: flags.listen, source })?;
+    let admin = TcpListener::bind(flags.admin)
         .await
-        .map_err(|source| StartError::Listen { addr: options.admin, source })?;
+        .map_err(|source| StartError::Listen { addr: flags.admin, source })?;
     let proxy_addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin.local_addr().expect("a bound listener has an address");
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, upstream = %active.upstream.authority, "listening");
 
-    let sidecar = Arc::new(Sidecar::new(Proxy::new(active), metrics, settings, options.clone()));
+    let sidecar = Arc::new(Sidecar::new(Proxy::new(active), metrics, process, flags.clone()));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run(sidecar.clone(), listener, admin, stopped, text));
     Ok(Handle { proxy_addr, admin_addr, sidecar, stop, task })
@@ -124,8 +124,8 @@ async fn run(
 ) {
     let reload = tokio::spawn(watch_policy(sidecar.clone(), text));
     let sweep = tokio::spawn(sweep_limiters(sidecar.clone()));
-    let slo_task = tokio::spawn(sidecar.settings.slos.clone().run());
-    let agent_task = match &sidecar.options.operator {
+    let slo_task = tokio::spawn(sidecar.process.slos.clone().run());
+    let agent_task = match &sidecar.flags.operator {
         Some(o) => match Agent::new(o.clone()) {
             Ok(agent) => Some(tokio::spawn(Arc::new(agent).run(sidecar.clone()))),
             Err(e) => {
@@ -143,7 +143,7 @@ async fn run(
 
     let mut drain_started: Option<tokio::time::Instant> = None;
     loop {
-        let deadline = drain_started.map(|t| t + sidecar.options.drain_delay);
+        let deadline = drain_started.map(|t| t + sidecar.flags.drain_delay);
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -158,7 +158,7 @@ async fn run(
                 let open = sidecar.metrics.connections.clone();
                 // Past the cap a connection is closed at once: each costs memory (buffers,
                 // a task), and a flood of idle ones must not take the pod down.
-                if open.get() >= i64::from(sidecar.options.max_connections) {
+                if open.get() >= i64::from(sidecar.flags.max_connections) {
                     sidecar.metrics.connections_refused.inc();
                     drop(stream);
                     continue;
@@ -167,7 +167,7 @@ async fn run(
                 open.inc();
                 // With a cache in the config, connections start in the cache-hit fast path;
                 // without one, the fast path would only hand every request over.
-                if sidecar.options.hit_lane && sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
+                if sidecar.flags.hit_lane && sidecar.proxy.active.load().routes.iter().any(|r| r.cache.is_some()) {
                     let fast = crate::fast_path::serve(conns.clone(), stream, peer, graceful.watcher(), closing_rx.clone());
                     tokio::spawn(async move {
                         fast.await;
@@ -187,7 +187,7 @@ async fn run(
             }
             _ = stop.changed(), if drain_started.is_none() => {
                 sidecar.start_draining();
-                tracing::info!(delay_ms = sidecar.options.drain_delay.as_millis() as u64, "draining: /readyz now fails");
+                tracing::info!(delay_ms = sidecar.flags.drain_delay.as_millis() as u64, "draining: /readyz now fails");
                 drain_started = Some(tokio::time::Instant::now());
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
@@ -198,9 +198,9 @@ async fn run(
     tracing::info!(connections = in_flight, "listener closed; waiting for requests in flight");
     // Idle fast-path connections close now; busy ones once their request is answered.
     let _ = closing.send(true);
-    if tokio::time::timeout(sidecar.options.shutdown_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(sidecar.flags.shutdown_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(
-            timeout_ms = sidecar.options.shutdown_timeout.as_millis() as u64,
+            timeout_ms = sidecar.flags.shutdown_timeout.as_millis() as u64,
             "requests still in flight at the shutdown deadline were cut"
         );
     }
@@ -247,8 +247,8 @@ async fn serve_admin(sidecar: Arc<Sidecar>, listener: TcpListener) {
 /// Polls the policy file and swaps in each valid change. Polling, not inotify, because
 /// Kubernetes updates ConfigMap volumes by swapping a symlink, which file watches miss.
 async fn watch_policy(sidecar: Arc<Sidecar>, mut last_text: String) {
-    let path = sidecar.options.policy.clone();
-    let mut tick = tokio::time::interval(sidecar.options.reload_interval);
+    let path = sidecar.flags.policy.clone();
+    let mut tick = tokio::time::interval(sidecar.flags.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -272,7 +272,7 @@ async fn watch_policy(sidecar: Arc<Sidecar>, mut last_text: String) {
 }
 
 fn apply(sidecar: &Sidecar, text: &str) {
-    let path = sidecar.options.policy.display();
+    let path = sidecar.flags.policy.display();
     let config = match load_sidecar_config(text) {
         Ok(c) => c,
         Err(problems) => {

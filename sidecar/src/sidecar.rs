@@ -1,5 +1,5 @@
 //! The running sidecar as its parts share it: the proxy with the active config, the metrics,
-//! what outlives a config (caches, SLO histories), the options it was started with, and how a
+//! what outlives a config (caches, SLO histories), the flags it was started with, and how a
 //! new config is swapped in.
 
 use std::{
@@ -26,12 +26,12 @@ use crate::{
     clock::Clock,
     metrics::Metrics,
     proxy::Proxy,
-    state::{Active, Settings},
+    runtime::{PolicyRuntime, ProcessState},
 };
 
 /// How to run the sidecar (the command line, less logging and threads).
 #[derive(Clone, Debug)]
-pub struct Options {
+pub struct Flags {
     pub policy: PathBuf,
     pub upstream: Option<String>,
     pub listen: SocketAddr,
@@ -49,7 +49,7 @@ pub struct Options {
     /// are the seed nodes of a Redis Cluster.
     pub redis: Option<String>,
     /// The operator's agent API, for config updates and SLO reports.
-    pub operator: Option<AgentOptions>,
+    pub operator: Option<AgentFlags>,
     /// The most bytes the response cache holds.
     pub cache_bytes: u64,
     /// Whether plain cache hits on HTTP/1.1 are answered by the fast path ([`crate::fast_path`]).
@@ -65,7 +65,7 @@ pub struct Options {
 }
 
 #[derive(Clone, Debug)]
-pub struct AgentOptions {
+pub struct AgentFlags {
     /// `https://host:port` (or `http://` for an operator run with `--insecure-agent-api`).
     pub url: Uri,
     pub token_file: Option<PathBuf>,
@@ -80,13 +80,13 @@ pub struct Sidecar {
     pub proxy: Proxy,
     pub metrics: Metrics,
     draining: AtomicBool,
-    pub settings: Settings,
-    pub(crate) options: Options,
+    pub process: ProcessState,
+    pub(crate) flags: Flags,
 }
 
 impl Sidecar {
-    pub fn new(proxy: Proxy, metrics: Metrics, settings: Settings, options: Options) -> Self {
-        Self { proxy, metrics, draining: AtomicBool::new(false), settings, options }
+    pub fn new(proxy: Proxy, metrics: Metrics, process: ProcessState, flags: Flags) -> Self {
+        Self { proxy, metrics, draining: AtomicBool::new(false), process, flags }
     }
 
     /// From now on `/readyz` fails.
@@ -111,7 +111,7 @@ pub struct Conns {
 
 impl Conns {
     pub fn new(sidecar: Arc<Sidecar>) -> Self {
-        let header_read_timeout = sidecar.options.idle_timeout;
+        let header_read_timeout = sidecar.flags.idle_timeout;
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
         auto.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
@@ -150,7 +150,7 @@ pub fn apply_config(sidecar: &Sidecar, config: SidecarConfig, replicas: u32, sou
         tracing::warn!(source, revision = %config.revision, "config refused: its revision does not match its content");
         return;
     }
-    match Active::build(config, &sidecar.settings, Some(&current), replicas) {
+    match PolicyRuntime::build(config, &sidecar.process, Some(&current), replicas) {
         Ok(active) => {
             let revision = active.config.revision.clone();
             sidecar.proxy.active.store(Arc::new(active));
@@ -205,14 +205,14 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    pub fn options(
+    pub fn flags(
         &self,
         policy: PathBuf,
         upstream: Option<String>,
         listen: SocketAddr,
         admin: SocketAddr,
-    ) -> Options {
-        Options {
+    ) -> Flags {
+        Flags {
             policy,
             upstream,
             listen,

@@ -464,7 +464,7 @@ async fn sigterm_drains_requests_in_flight() {
 async fn connections_past_the_cap_are_closed_at_once_and_counted() {
     let up = Upstream::start().await;
     let dir = TempDir::new("cap");
-    let mut o = options(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
+    let mut o = flags(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
     o.max_connections = 2;
     let sc = apipolicy_sidecar::server::start(o).await.unwrap();
     let held: Vec<_> =
@@ -498,7 +498,7 @@ async fn bodies_that_stall_past_the_stream_idle_timeout_are_ended() {
     match: {path: {prefix: /count}}
     streamIdleTimeout: 300ms
 ";
-    let sc = apipolicy_sidecar::server::start(options(dir.file("policy.yaml", &policy(routes)), &up.url()))
+    let sc = apipolicy_sidecar::server::start(flags(dir.file("policy.yaml", &policy(routes)), &up.url()))
         .await
         .unwrap();
     let c = client();
@@ -549,8 +549,7 @@ spec:
   - name: posts
     match: {path: {exact: /headers}, methods: [POST]}
 ";
-    let sc =
-        apipolicy_sidecar::server::start(options(dir.file("policy.yaml", text), &up.url())).await.unwrap();
+    let sc = apipolicy_sidecar::server::start(flags(dir.file("policy.yaml", text), &up.url())).await.unwrap();
     let c = client();
     let get = || {
         Request::get(format!("http://{}/headers", sc.proxy_addr))

@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use apipolicy_api::{compile, manifest::check_manifest};
-use apipolicy_sidecar::server::{Options, start};
+use apipolicy_sidecar::server::{Flags, start};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
-fn options(policy: std::path::PathBuf) -> Options {
-    Options {
+fn flags(policy: std::path::PathBuf) -> Flags {
+    Flags {
         policy,
         upstream: Some("http://127.0.0.1:9".to_owned()),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -58,7 +58,7 @@ async fn the_sidecar_runs_what_the_operator_compiles() {
         let compiled = compile(&checked.policies[0]).unwrap();
 
         // The manifest, as a user runs it in local mode.
-        let manifest = start(options(path.clone())).await.unwrap();
+        let manifest = start(flags(path.clone())).await.unwrap();
         assert_eq!(running_revision(manifest.admin_addr).await, compiled.revision, "{}", path.display());
         manifest.shutdown();
         manifest.wait().await;
@@ -66,7 +66,7 @@ async fn the_sidecar_runs_what_the_operator_compiles() {
         // The compiled config, as the operator writes it into the ConfigMap.
         let file = dir.join("config.json");
         std::fs::write(&file, serde_json::to_vec(&compiled).unwrap()).unwrap();
-        let from_configmap = start(options(file)).await.unwrap();
+        let from_configmap = start(flags(file)).await.unwrap();
         assert_eq!(
             running_revision(from_configmap.admin_addr).await,
             compiled.revision,

@@ -9,9 +9,9 @@
 //! variant, and each compressed form made once and kept beside it).
 
 pub mod conditional;
-pub mod flow;
 pub mod judge;
 pub mod range;
+pub mod request;
 pub mod shared;
 
 use std::{

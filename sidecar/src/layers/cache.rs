@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use crate::{
     body::ProxyBody,
-    cache::{RequestCacheHeaders, flow},
+    cache::{RequestCacheHeaders, request},
     outbound::Forward,
     pipeline::{Cx, Service, ToApp, rescue},
 };
@@ -40,9 +40,9 @@ where
     async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if let Some(cache) = &cx.route.cache {
             let asks = RequestCacheHeaders::of(req.headers());
-            match flow::eligible(cache, &req, asks) {
+            match request::eligible(cache, &req, asks) {
                 Some(true) => {
-                    return match flow::serve(self.0.upstream(), req, asks, cx).await {
+                    return match request::serve(self.0.upstream(), req, asks, cx).await {
                         Ok(resp) => resp,
                         Err(e) => rescue(e, cx),
                     };
@@ -56,12 +56,12 @@ where
         // GET, HEAD, OPTIONS or TRACE.
         let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         let target =
-            (!safe).then(|| flow::target(&req, cx.route.cache.as_ref().is_some_and(|c| c.sort_query)));
+            (!safe).then(|| request::target(&req, cx.route.cache.as_ref().is_some_and(|c| c.sort_query)));
         let resp = self.0.call(req, cx).await;
         if let Some(target) = target
             && (resp.status().is_success() || resp.status().is_redirection())
         {
-            flow::invalidate(cx.active, &target, resp.headers());
+            request::invalidate(cx.active, &target, resp.headers());
         }
         resp
     }

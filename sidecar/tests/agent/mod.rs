@@ -11,7 +11,7 @@ use apipolicy_api::{
     SidecarConfig, compile,
     report::{AgentConfig, ReportAck, SloReport},
 };
-use apipolicy_sidecar::{agent::AgentOptions, server::start};
+use apipolicy_sidecar::{agent::AgentFlags, server::start};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -151,8 +151,8 @@ async fn run_against(tls: Option<(tokio_rustls::TlsAcceptor, std::path::PathBuf)
         tls.as_ref().map(|t| t.0.clone()),
     )
     .await;
-    let mut o = options(file, &up.url());
-    o.operator = Some(AgentOptions {
+    let mut o = flags(file, &up.url());
+    o.operator = Some(AgentFlags {
         url: operator.url.parse().unwrap(),
         token_file: Some(token),
         ca_file: tls.map(|t| t.1),

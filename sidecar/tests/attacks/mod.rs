@@ -173,7 +173,7 @@ impl Recorder {
 
 async fn sidecar_for(dir: &TempDir, policy_text: &str, upstream: &str) -> Handle {
     let path = dir.file("policy.yaml", policy_text);
-    start(options(path, upstream)).await.unwrap()
+    start(flags(path, upstream)).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -792,7 +792,7 @@ async fn admin(
 async fn the_admins_config_and_purge_need_the_token_and_probes_do_not() {
     let up = Recorder::start().await;
     let dir = TempDir::new("attack-admin");
-    let mut o = options(dir.file("policy.yaml", &policy(FORWARDED_CACHED)), &up.url());
+    let mut o = flags(dir.file("policy.yaml", &policy(FORWARDED_CACHED)), &up.url());
     o.admin_token = Some(TOKEN.to_owned());
     let sc = start(o).await.unwrap();
     let c = client();
@@ -832,7 +832,7 @@ async fn the_admins_config_never_shows_the_redis_password() {
     let up = Recorder::start().await;
     let dir = TempDir::new("attack-redact");
     let text = policy_with("  redis: {url: \"redis://:s3cret@127.0.0.1:1\"}\n", FORWARDED_CACHED);
-    let mut o = options(dir.file("policy.yaml", &text), &up.url());
+    let mut o = flags(dir.file("policy.yaml", &text), &up.url());
     o.admin_token = Some(TOKEN.to_owned());
     let sc = start(o).await.unwrap();
     let c = client();

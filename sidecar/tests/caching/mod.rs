@@ -30,7 +30,7 @@ const ROUTES: &str = "  - name: cached
 
 async fn cache_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
     let path = dir.file("policy.yaml", &policy(ROUTES));
-    start(options(path, &up.url())).await.unwrap()
+    start(flags(path, &up.url())).await.unwrap()
 }
 
 async fn fetch(
@@ -182,7 +182,7 @@ async fn stale_while_revalidate_serves_at_once_and_revalidates_once() {
     let url = format!("http://{}/app/short/x?etag=v1&ms=300", sc.proxy_addr);
     let (_, _, body) = fetch(&client(), url.clone(), &[]).await;
     assert_eq!(body["n"].as_u64(), Some(1));
-    sc.sidecar.settings.clock.advance(Duration::from_millis(1_100));
+    sc.sidecar.process.clock.advance(Duration::from_millis(1_100));
     let t = Instant::now();
     let tasks: Vec<_> = (0..20)
         .map(|_| {
@@ -228,7 +228,7 @@ async fn stale_if_error_hides_a_failing_app() {
     let c = client();
     let url = format!("http://{}/app/brief/y", sc.proxy_addr);
     assert_eq!(fetch(&c, url.clone(), &[]).await.2["n"].as_u64(), Some(1));
-    sc.sidecar.settings.clock.advance(Duration::from_millis(1_100));
+    sc.sidecar.process.clock.advance(Duration::from_millis(1_100));
     up.failing.store(true, std::sync::atomic::Ordering::SeqCst);
     let (status, h, body) = fetch(&c, url.clone(), &[]).await;
     assert_eq!((status, body["n"].as_u64()), (StatusCode::OK, Some(1)), "the stale copy instead of the 503");

@@ -28,7 +28,7 @@ const ROUTES: &str = "  - name: cached
 
 async fn lane_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
     let path = dir.file("policy.yaml", &policy(ROUTES));
-    start(options(path, &up.url())).await.unwrap()
+    start(flags(path, &up.url())).await.unwrap()
 }
 
 fn get(path: &str) -> String {
@@ -333,7 +333,7 @@ async fn a_client_that_leaves_gives_its_slot_back() {
     let routes = format!(
         "{ROUTES}  - name: gate\n    match: {{path: {{prefix: /slow}}}}\n    concurrencyLimit: {{maxInFlight: 1}}\n"
     );
-    let sc = start(options(dir.file("policy.yaml", &policy(&routes)), &up.url())).await.unwrap();
+    let sc = start(flags(dir.file("policy.yaml", &policy(&routes)), &up.url())).await.unwrap();
     // Make the lane's connection (a cache in the config), then a slow request handed over.
     let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
@@ -483,7 +483,7 @@ async fn oversized_and_crowded_heads_get_hypers_answers() {
 async fn with_the_lane_off_hyper_answers_the_same() {
     let up = Upstream::start().await;
     let dir = TempDir::new("lane-off");
-    let mut opts = options(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
+    let mut opts = flags(dir.file("policy.yaml", &policy(ROUTES)), &up.url());
     opts.hit_lane = false;
     let sc = start(opts).await.unwrap();
     let mut c = Conn::open(sc.proxy_addr).await;
@@ -598,8 +598,8 @@ fn the_lane_and_hypers_path_agree_on_framing_route_and_cache_key() {
         rt.block_on(async { (Upstream::start().await, Upstream::start().await, TempDir::new("agree")) });
     let (lane, plain) = rt.block_on(async {
         let path = dir.file("policy.yaml", &policy(ROUTES));
-        let lane = start(options(path.clone(), &up_a.url())).await.unwrap();
-        let mut o = options(path, &up_b.url());
+        let lane = start(flags(path.clone(), &up_a.url())).await.unwrap();
+        let mut o = flags(path, &up_b.url());
         o.hit_lane = false;
         (lane, start(o).await.unwrap())
     });

@@ -142,7 +142,7 @@ async fn sidecars(
     let path = dir.file("policy.yaml", &text);
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(start(options(path.clone(), upstream)).await.unwrap());
+        out.push(start(flags(path.clone(), upstream)).await.unwrap());
     }
     out
 }

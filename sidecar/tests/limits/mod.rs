@@ -14,7 +14,7 @@ async fn limited(
     replicas: u32,
 ) -> apipolicy_sidecar::server::Handle {
     let path = dir.file("policy.yaml", &policy(routes));
-    let mut o = options(path, upstream);
+    let mut o = flags(path, upstream);
     o.replicas = replicas;
     start(o).await.unwrap()
 }
@@ -107,7 +107,7 @@ async fn the_bucket_refills() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(h["retry-after"], "1", "50 ms rounds up to one whole second");
     // The sidecar's clock moves on; nothing sleeps.
-    sc.sidecar.settings.clock.advance(Duration::from_millis(51));
+    sc.sidecar.process.clock.advance(Duration::from_millis(51));
     assert_eq!(hit(&c, &url, &[]).await.0, StatusCode::OK, "one token is back after 50 ms");
 }
 
@@ -159,7 +159,7 @@ async fn client_addresses_behind_trusted_proxies() {
     let text = policy(&route("ip", "/ip", rl))
         .replace("  routes:\n", "  clientIp: {trustedProxies: [127.0.0.0/8]}\n  routes:\n");
     let path = dir.file("policy.yaml", &text);
-    let sc = start(options(path, &up.url())).await.unwrap();
+    let sc = start(flags(path, &up.url())).await.unwrap();
     let c = client();
     let url = format!("http://{}/ip", sc.proxy_addr);
     assert_eq!(hit(&c, &url, &[("x-forwarded-for", "203.0.113.5")]).await.0, StatusCode::OK);

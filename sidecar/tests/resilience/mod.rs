@@ -80,7 +80,7 @@ impl App {
 
 async fn sidecar_for(app_url: &str, dir: &TempDir, routes: &str) -> Handle {
     let path = dir.file("policy.yaml", &policy(routes));
-    start(options(path, app_url)).await.unwrap()
+    start(flags(path, app_url)).await.unwrap()
 }
 
 async fn metrics(c: &HttpClient, sc: &Handle) -> String {
@@ -261,7 +261,7 @@ async fn a_dead_app_opens_the_circuit_and_a_probe_closes_it() {
     assert_eq!(metric(&m, r#"apipolicy_circuit_state{route="api"}"#), Some(2.0));
     // Healthy again; after openFor a probe goes through and closes the circuit.
     up.failing.store(false, Ordering::SeqCst);
-    sc.sidecar.settings.clock.advance(Duration::from_millis(5_100));
+    sc.sidecar.process.clock.advance(Duration::from_millis(5_100));
     assert_eq!(get(&c, url.clone()).await.0, StatusCode::OK);
     assert_eq!(get(&c, url.clone()).await.0, StatusCode::OK);
     assert_eq!(up.hits("/app/b"), 5);
@@ -286,7 +286,7 @@ async fn an_open_circuit_serves_stale_from_the_cache() {
     let (status, _, first) = get(&c, url.clone()).await;
     assert_eq!(status, StatusCode::OK);
     up.failing.store(true, Ordering::SeqCst);
-    sc.sidecar.settings.clock.advance(Duration::from_secs(2));
+    sc.sidecar.process.clock.advance(Duration::from_secs(2));
     // The fill fails (and opens the circuit): stale-if-error answers.
     let (status, headers, body) = get(&c, url.clone()).await;
     assert_eq!((status, body.clone()), (StatusCode::OK, first.clone()));
@@ -451,7 +451,7 @@ async fn slo_protection_serves_stale_sheds_sheddable_and_lifts() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(slo(c.clone()).await["protection"]["active"], false);
     // Half the requests fail.
-    sc.sidecar.settings.clock.advance(Duration::from_secs(2));
+    sc.sidecar.process.clock.advance(Duration::from_secs(2));
     for i in 0..20 {
         up.failing.store(i % 2 == 0, Ordering::SeqCst);
         get(&c, format!("{base}/app/work/{i}")).await;
@@ -488,10 +488,10 @@ async fn slo_protection_serves_stale_sheds_sheddable_and_lifts() {
     // Healthy again. Past the 30-minute window the SLO is calm; protection holds a minute more.
     up.failing.store(false, Ordering::SeqCst);
     slo(c.clone()).await;
-    sc.sidecar.settings.clock.advance(Duration::from_secs(31 * 60));
+    sc.sidecar.process.clock.advance(Duration::from_secs(31 * 60));
     get(&c, format!("{base}/app/work/ok")).await;
     assert_eq!(slo(c.clone()).await["protection"]["active"], true, "no flapping: a minute of calm first");
-    sc.sidecar.settings.clock.advance(Duration::from_secs(61));
+    sc.sidecar.process.clock.advance(Duration::from_secs(61));
     let now = slo(c.clone()).await;
     assert_eq!(now["protection"]["active"], false, "{now}");
     let lifted = send(

@@ -25,7 +25,7 @@ const ROUTES: &str = "  - name: origin
 
 async fn cache_sidecar(up: &Upstream, dir: &TempDir) -> Handle {
     let path = dir.file("policy.yaml", &policy(ROUTES));
-    start(options(path, &up.url())).await.unwrap()
+    start(flags(path, &up.url())).await.unwrap()
 }
 
 struct Got {
@@ -64,7 +64,7 @@ fn q(v: &str) -> String {
 }
 
 fn advance(sc: &Handle, secs: u64) {
-    sc.sidecar.settings.clock.advance(Duration::from_secs(secs));
+    sc.sidecar.process.clock.advance(Duration::from_secs(secs));
 }
 
 /// RFC 9111 §4.3.1, §4.3.3: a stale entry with an ETag is revalidated with If-None-Match, and

@@ -31,7 +31,7 @@ async fn slo_and_metrics_agree_with_what_was_sent() {
     let up = Upstream::start().await;
     let dir = TempDir::new("slo");
     let path = dir.file("policy.yaml", &policy(ROUTES));
-    let sc = start(options(path, &up.url())).await.unwrap();
+    let sc = start(flags(path, &up.url())).await.unwrap();
     let c = client();
     let base = format!("http://{}", sc.proxy_addr);
     // 40 fine, 10 app errors (5xx), 5 client errors (4xx: good), 3 sidecar timeouts (504:
@@ -148,7 +148,7 @@ async fn dependencies_flip_readyz_within_interval_times_threshold() {
     );
     let dir = TempDir::new("health");
     let path = dir.file("policy.yaml", &policy(&routes));
-    let sc = start(options(path, &up.url())).await.unwrap();
+    let sc = start(flags(path, &up.url())).await.unwrap();
     let c = client();
     let readyz = || {
         let (c, url) = (c.clone(), format!("http://{}/readyz", sc.admin_addr));

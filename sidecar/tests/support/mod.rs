@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use apipolicy_sidecar::server::{Handle, Options, start};
+use apipolicy_sidecar::server::{Flags, Handle, start};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
@@ -347,8 +347,8 @@ pub const ROUTES: &str = "  - name: slow
     match: {path: {exact: /echo}}
 ";
 
-pub fn options(policy: PathBuf, upstream: &str) -> Options {
-    Options {
+pub fn flags(policy: PathBuf, upstream: &str) -> Flags {
+    Flags {
         policy,
         upstream: Some(upstream.to_owned()),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -372,7 +372,7 @@ pub fn options(policy: PathBuf, upstream: &str) -> Options {
 /// An in-process sidecar in front of `upstream`, with the test routes.
 pub async fn sidecar(dir: &TempDir, upstream: &str) -> Handle {
     let policy = dir.file("policy.yaml", &policy(ROUTES));
-    start(options(policy, upstream)).await.unwrap()
+    start(flags(policy, upstream)).await.unwrap()
 }
 
 pub type HttpClient = Client<HttpConnector, Body>;

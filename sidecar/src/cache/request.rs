@@ -27,7 +27,7 @@ use crate::{
     headers::{Raw, RequestHeaders},
     outbound::prepare,
     pipeline::{Cx, ToApp},
-    state::{Active, RouteRuntime},
+    runtime::{PolicyRuntime, RouteRuntime},
 };
 
 /// Conditional headers the cache evaluates itself; a fill asks the app for the whole body.
@@ -335,7 +335,7 @@ async fn fill<U: ToApp>(
 
 /// The stale entry instead of the app's failure (stale-if-error).
 async fn stale_if_error(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     stale: &Arc<Entry>,
     client_headers: &HeaderMap,
@@ -366,7 +366,7 @@ fn pass_through(config: &CacheConfig, resp: Response<Incoming>, kind: &str) -> R
 /// fresh hit has `None`).
 #[allow(clippy::too_many_arguments)]
 async fn respond(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     e: &Arc<Entry>,
     now: SystemTime,
@@ -441,7 +441,7 @@ async fn respond(
 /// Whether the route compresses entry `e` (its config), and the encoding a client accepting
 /// `accept` gets (when the body is big enough for the route and the client takes one).
 fn compression_for<'r>(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &'r RouteRuntime,
     e: &Entry,
     accept: Option<&[u8]>,
@@ -501,7 +501,7 @@ pub struct Hit {
 /// The fresh entry a plain request (see [`RequestCacheHeaders::plain`]) for this URL (host, path, query) gets,
 /// judged the same for hyper's requests and for the fast path's parsed heads.
 fn fresh(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     headers: &impl RequestHeaders,
     asks: RequestCacheHeaders,
@@ -515,7 +515,7 @@ fn fresh(
 /// The answer from entry `e` for a client that accepts `accept`; `Err` with the encoding the
 /// client should get when the entry has no such form yet (making it is the caller's choice).
 fn hit(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     e: &Entry,
     now: SystemTime,
@@ -544,7 +544,7 @@ fn hit_in(e: &Entry, compressible: bool, encoding: Option<Encoding>, body: Bytes
 /// through the same [`fresh`] and [`hit`]). `None` for anything else, and for a compressed
 /// form not made yet: the full path answers those.
 pub fn fast_hit(
-    active: &Active,
+    active: &PolicyRuntime,
     route: &RouteRuntime,
     headers: &Raw<'_>,
     asks: RequestCacheHeaders,
@@ -619,7 +619,7 @@ fn spawn_revalidation<U: ToApp>(upstream: U, cx: &Cx<'_>, key: CacheKey, parts: 
 
 /// After a successful unsafe request: forget the URL, and its `Location` and
 /// `Content-Location` when they are on the same host.
-pub fn invalidate(active: &Active, target: &CacheKey, response: &HeaderMap) {
+pub fn invalidate(active: &PolicyRuntime, target: &CacheKey, response: &HeaderMap) {
     let store = &active.store;
     let mut hashes = vec![target.hash];
     store.invalidate(target.hash);

@@ -1,5 +1,6 @@
-//! The active configuration: everything a request needs, built once per config revision and
-//! swapped atomically on reload (requests in flight keep the snapshot they started with).
+//! The policy as it runs ([`PolicyRuntime`], its routes [`RouteRuntime`]): everything a request
+//! needs, built once per config revision and swapped atomically on reload (requests in flight
+//! keep the snapshot they started with); and [`ProcessState`], what outlives every revision.
 
 use std::{
     sync::{
@@ -30,7 +31,9 @@ use crate::{
     upstream::{Upstream, UpstreamPool},
 };
 
-pub struct Active {
+/// One revision of the policy, compiled and running: its router and routes, the upstream pool,
+/// the stores and SLOs it uses. [`crate::proxy::Proxy`] holds the active one.
+pub struct PolicyRuntime {
     pub config: SidecarConfig,
     pub router: Router,
     pub routes: Vec<RouteRuntime>,
@@ -64,8 +67,9 @@ pub struct Active {
 
 static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// What stays the same across config reloads.
-pub struct Settings {
+/// What the sidecar process keeps across config reloads: the flags that override the policy,
+/// the metrics, the SLO histories, the cache store and the clock.
+pub struct ProcessState {
     /// `--upstream`, over the policy's port.
     pub upstream: Option<Upstream>,
     /// `--redis`, over `spec.redis.url` (the way a Secret's URL arrives).
@@ -78,7 +82,11 @@ pub struct Settings {
 }
 
 /// The Redis store for this config: the previous one when its address did not change.
-fn redis_store(config: &SidecarConfig, settings: &Settings, previous: Option<&Active>) -> Option<Arc<Redis>> {
+fn redis_store(
+    config: &SidecarConfig,
+    process: &ProcessState,
+    previous: Option<&PolicyRuntime>,
+) -> Option<Arc<Redis>> {
     let global = config
         .spec
         .routes
@@ -86,12 +94,12 @@ fn redis_store(config: &SidecarConfig, settings: &Settings, previous: Option<&Ac
         .filter_map(|r| r.rate_limit.as_ref())
         .any(|l| l.scope == apipolicy_api::Scope::Global);
     let shared_cache = config.spec.routes.iter().any(|r| r.cache.as_ref().is_some_and(|c| c.store));
-    let configured = config.spec.redis.is_some() || settings.redis.is_some();
+    let configured = config.spec.redis.is_some() || process.redis.is_some();
     if !(global || (shared_cache && configured)) {
         return None;
     }
     let spec = config.spec.redis.as_ref();
-    let urls: Vec<String> = match &settings.redis {
+    let urls: Vec<String> = match &process.redis {
         Some(flag) => flag.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
         None => spec.map(|r| r.urls.clone()).unwrap_or_default(),
     };
@@ -111,7 +119,7 @@ fn redis_store(config: &SidecarConfig, settings: &Settings, previous: Option<&Ac
     {
         return Some(prev.clone());
     }
-    let (errors, latency) = settings.metrics.redis();
+    let (errors, latency) = process.metrics.redis();
     match Redis::new(urls, cluster, timeout, errors, latency) {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
@@ -122,7 +130,7 @@ fn redis_store(config: &SidecarConfig, settings: &Settings, previous: Option<&Ac
 }
 
 pub struct RouteRuntime {
-    /// Its place in [`Active::routes`].
+    /// Its place in [`PolicyRuntime::routes`].
     pub index: usize,
     pub name: String,
     pub timeout: Duration,
@@ -178,7 +186,7 @@ impl Concurrency {
     }
 }
 
-impl Active {
+impl PolicyRuntime {
     /// What the SLOs covering route `route` ask of its requests now.
     pub fn protection(&self, route: usize) -> Protection {
         if !self.protectable.get(route).copied().unwrap_or(false) {
@@ -210,20 +218,20 @@ pub enum BuildError {
     Router(#[from] RouterError),
 }
 
-impl Active {
+impl PolicyRuntime {
     /// Builds the runtime form of `config`. The upstream client (and its pool of keep-alive
     /// connections) is taken over from `previous` when its settings did not change.
     pub fn build(
         config: SidecarConfig,
-        settings: &Settings,
-        previous: Option<&Active>,
+        process: &ProcessState,
+        previous: Option<&PolicyRuntime>,
         replicas: u32,
     ) -> Result<Self, BuildError> {
-        let metrics = &settings.metrics;
-        let access_log = settings.access_log;
-        let upstream_override = settings.upstream.as_ref();
+        let metrics = &process.metrics;
+        let access_log = process.access_log;
+        let upstream_override = process.upstream.as_ref();
         let router = Router::new(&config.spec)?;
-        let redis = redis_store(&config, settings, previous);
+        let redis = redis_store(&config, process, previous);
         let scope =
             format!("{}/{}", config.policy.namespace.as_deref().unwrap_or("default"), config.policy.name);
         let before = |name: &str| previous.and_then(|p| p.routes.iter().find(|r| r.name == name));
@@ -262,7 +270,7 @@ impl Active {
                             metrics,
                             prior.and_then(|p| p.limiter.as_ref()),
                             global.map(|store| (store, format!("{scope}/{}", r.name))),
-                            settings.clock.clone(),
+                            process.clock.clone(),
                         )
                     }),
                     shed: config
@@ -275,7 +283,7 @@ impl Active {
                         })
                         .then(|| metrics.shedding(&r.name).0),
                     retry: r.retry.as_ref().map(|c| {
-                        RetryBudget::new(c.clone(), settings.clock.clone(), metrics.retries(&r.name))
+                        RetryBudget::new(c.clone(), process.clock.clone(), metrics.retries(&r.name))
                     }),
                     // A breaker carries over a reload that keeps its settings: an open circuit
                     // stays open.
@@ -284,7 +292,7 @@ impl Active {
                             Some(b) => b.clone(),
                             None => Arc::new(Breaker::new(
                                 c.clone(),
-                                settings.clock.clone(),
+                                process.clock.clone(),
                                 metrics.circuit_state(&r.name),
                             )),
                         }
@@ -304,7 +312,7 @@ impl Active {
                                     Some(g) => g.clone(),
                                     None => Arc::new(Gradient::new(
                                         a.clone(),
-                                        settings.clock.clone(),
+                                        process.clock.clone(),
                                         metrics.concurrency_limit(&r.name),
                                     )),
                                 }
@@ -337,13 +345,13 @@ impl Active {
             }
             _ => Arc::new(Health::start(&config.spec.health_checks, &upstream, metrics)),
         };
-        let slos = settings.slos.apply(&config);
+        let slos = process.slos.apply(&config);
         let shared_cache = redis
             .as_ref()
             .filter(|_| config.spec.routes.iter().any(|r| r.cache.is_some()))
             .map(|r| match previous.and_then(|p| p.shared_cache.clone()).filter(|s| s.same(r, &scope)) {
                 Some(s) => s,
-                None => SharedTier::new(r.clone(), scope.clone(), settings.store.clone()),
+                None => SharedTier::new(r.clone(), scope.clone(), process.store.clone()),
             });
         let route_slos: Vec<Vec<usize>> = config
             .spec
@@ -368,7 +376,7 @@ impl Active {
             config.spec.routes.iter().position(|r| r.name == name)
         });
         Ok(Self {
-            clock: settings.clock.clone(),
+            clock: process.clock.clone(),
             config,
             router,
             routes,
@@ -380,7 +388,7 @@ impl Active {
             replicas: replicas.max(1),
             redis,
             health,
-            store: settings.store.clone(),
+            store: process.store.clone(),
             shared_cache,
             slos,
             route_slos,
@@ -391,7 +399,7 @@ impl Active {
     }
 }
 
-impl Ledger for Active {
+impl Ledger for PolicyRuntime {
     fn logs_access(&self) -> bool {
         self.access_log
     }
