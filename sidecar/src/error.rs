@@ -1,10 +1,16 @@
 //! The sidecar's own answers. Every failure the sidecar turns into a response is a variant
 //! here, and becomes an RFC 9457 `application/problem+json` response in one place only.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::LengthLimitError;
 
-use crate::{body::ProxyBody, ratelimit::applied::Applied};
+use crate::{
+    body::{ClientBodyError, ProxyBody, Stalled},
+    ratelimit::applied::Applied,
+};
 
 /// Why the sidecar answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,25 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whose fault a failed exchange with the app was: the client's body (larger than the
+    /// route's `max_body`, malformed, stalled past `idle`) or the app's.
+    pub fn of_exchange(e: &hyper::Error, max_body: Option<u64>, idle: Duration) -> Self {
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if s.is::<LengthLimitError>() {
+                return Self::BodyTooLarge { limit: max_body.unwrap_or_default() };
+            }
+            if let Some(bad) = s.downcast_ref::<ClientBodyError>() {
+                return Self::BadRequestBody(chain(bad));
+            }
+            if s.is::<Stalled>() {
+                return Self::RequestBodyTimeout { timeout_ms: idle.as_millis() as u64 };
+            }
+            source = s.source();
+        }
+        Self::BadGateway(chain(e))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -165,4 +190,16 @@ pub fn problem(
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// An error and its causes, `: `-separated, for problem details and logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

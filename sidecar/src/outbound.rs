@@ -13,13 +13,13 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header, request::Parts,
     uri::PathAndQuery,
 };
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::{
     accounting::Accounting,
-    body::{ClientBodyError, IdleTimer, ProxyBody, Stalled, UpstreamBody},
+    body::{IdleTimer, ProxyBody, UpstreamBody},
     error::ProxyError,
     headers::X_REQUEST_ID,
     pipeline::{Cx, Service, rescue},
@@ -173,7 +173,9 @@ async fn send(
     let mut resp = match tokio::time::timeout(limit, active.client.send(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout { timeout_ms }),
         Ok(Err(SendError::Connect(e))) => return Err(ProxyError::UpstreamUnavailable(e)),
-        Ok(Err(SendError::Http(e))) => return Err(classify(&e, route)),
+        Ok(Err(SendError::Http(e))) => {
+            return Err(ProxyError::of_exchange(&e, route.max_body, route.stream_idle_timeout));
+        }
         Ok(Ok(resp)) => resp,
     };
     let upstream = sent_at.elapsed();
@@ -202,39 +204,6 @@ fn frame(req: &mut Request<UpstreamBody>) {
             req.headers_mut().remove(header::CONTENT_LENGTH);
         }
     }
-}
-
-/// Whose fault a failed exchange was: the client's body (too large, malformed, stalled) or the
-/// upstream's.
-fn classify(e: &hyper::Error, route: &RouteRuntime) -> ProxyError {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<LengthLimitError>() {
-            return ProxyError::BodyTooLarge { limit: route.max_body.unwrap_or_default() };
-        }
-        if let Some(bad) = s.downcast_ref::<ClientBodyError>() {
-            return ProxyError::BadRequestBody(chain(bad));
-        }
-        if s.is::<Stalled>() {
-            return ProxyError::RequestBodyTimeout {
-                timeout_ms: route.stream_idle_timeout.as_millis() as u64,
-            };
-        }
-        source = s.source();
-    }
-    ProxyError::BadGateway(chain(e))
-}
-
-/// An error and its causes, `: `-separated, for problem details and logs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

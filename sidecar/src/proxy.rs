@@ -83,11 +83,13 @@ impl Proxy {
         let start = Instant::now();
         // One snapshot per request: a reload in the middle of it does not change its config.
         let active = self.active.load_full();
-        let id = self.ids.for_request(req.headers());
-        // Before anything reads them: the limiter's key, the cache key and the app.
-        crate::forwarded::own(req.headers_mut(), peer, &active.trusted);
         // Routes match the path the app will get; a path refused here goes to no route.
-        let (index, bad_path) = match normalize_target(&active.router, &mut req) {
+        let normalized = normalize_target(&active.router, &mut req);
+        let id = self.ids.for_request(req.headers());
+        // Before anything reads them: the route's header matches, the limiter's key, the cache
+        // key and the app.
+        crate::forwarded::own(req.headers_mut(), peer, &active.trusted);
+        let (index, bad_path) = match normalized {
             Ok(()) => (active.router.route(req.method(), req.uri().path(), req.headers()), None),
             Err(e) => (active.routes.len() - 1, Some(e)),
         };
