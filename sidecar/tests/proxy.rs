@@ -282,7 +282,11 @@ async fn metrics_count_requests_per_route() {
     get(&c, format!("http://{}/status?code=404", sc.proxy_addr)).await;
     get(&c, format!("http://{}/slow?ms=2000", sc.proxy_addr)).await;
     // The count lands when the response body ends, just after the client has read it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = r#"apipolicy_requests_total{code="504",method="GET",route="slow"}"#;
+    eventually("the last request counted", Duration::from_secs(5), || async {
+        metric(&metrics(sc.admin_addr).await, last).is_some()
+    })
+    .await;
     let text = metrics(sc.admin_addr).await;
     for (series, want) in [
         (r#"apipolicy_requests_total{code="200",method="GET",route="echo"}"#, 3.0),
@@ -437,12 +441,13 @@ async fn sigterm_drains_requests_in_flight() {
         let (c, url) = (c.clone(), format!("http://{}/slow?ms=900", p.proxy));
         in_flight.push(tokio::spawn(async move { get(&c, url).await }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    eventually("20 requests at the app", Duration::from_secs(5), || async { up.count() >= 20 }).await;
     let t = Instant::now();
     p.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, _, _) = get(&client(), format!("http://{}/readyz", p.admin)).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "readyz fails first");
+    eventually("readyz fails first", Duration::from_millis(300), || async {
+        get(&client(), format!("http://{}/readyz", p.admin)).await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     let (status, _, _) = get(&client(), format!("http://{}/echo", p.proxy)).await;
     assert_eq!(status, StatusCode::OK, "new requests are still served during the drain delay");
     for r in in_flight {
@@ -473,7 +478,9 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted() {
             .into_iter()
             .map(Result::unwrap)
             .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let open = || async { metric(&metrics(sc.admin_addr).await, "apipolicy_connections_open") };
+    eventually("both held connections taken", Duration::from_secs(5), || async { open().await == Some(2.0) })
+        .await;
     let mut extra = tokio::net::TcpStream::connect(sc.proxy_addr).await.unwrap();
     let _ = extra.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let mut buf = [0u8; 64];
@@ -482,7 +489,8 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted() {
     assert!(matches!(read, Ok(0) | Err(_)), "the third connection is closed unanswered: {read:?}");
     assert_eq!(metric(&metrics(sc.admin_addr).await, "apipolicy_connections_refused_total"), Some(1.0));
     drop(held);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the held connections closed", Duration::from_secs(5), || async { open().await == Some(0.0) })
+        .await;
     let (status, _, _) = get(&client(), format!("http://{}/echo", sc.proxy_addr)).await;
     assert_eq!(status, StatusCode::OK, "room again once connections close");
 }

@@ -397,6 +397,21 @@ pub async fn send(client: &HttpClient, req: Request<Body>) -> (StatusCode, http:
     (status, headers, body)
 }
 
+/// Waits until `check` holds, asking every 10 ms; fails the test with `what` after `within`.
+/// For what the sidecar does on its own time (a count that lands when a body ends, a file
+/// reload, a connection closed): no fixed sleep that is too short on a busy machine.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A value from the Prometheus text of `/metrics`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
