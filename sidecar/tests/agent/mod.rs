@@ -3,7 +3,10 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -32,6 +35,8 @@ struct Operator {
     /// Drops every open connection without an answer.
     cut: Arc<tokio::sync::Notify>,
     reports: Arc<Mutex<Vec<SloReport>>>,
+    /// Config requests (long-polls) received so far.
+    polls: Arc<AtomicUsize>,
     url: String,
 }
 
@@ -46,15 +51,18 @@ async fn serve_operator(first: AgentConfig, tls: Option<tokio_rustls::TlsAccepto
     let reports = Arc::new(Mutex::new(Vec::new()));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (tx, store) = (config.clone(), reports.clone());
+    let polls = Arc::new(AtomicUsize::new(0));
+    let counted = polls.clone();
     let cut = Arc::new(tokio::sync::Notify::new());
     let cuts = cut.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let (tx, store, tls, cut) = (tx.clone(), store.clone(), tls.clone(), cuts.clone());
+            let counted = counted.clone();
             let service = service_fn(move |req| {
-                let (tx, store) = (tx.clone(), store.clone());
-                async move { Ok::<_, Infallible>(agent_api(req, tx, store).await) }
+                let (tx, store, counted) = (tx.clone(), store.clone(), counted.clone());
+                async move { Ok::<_, Infallible>(agent_api(req, tx, store, &counted).await) }
             });
             tokio::spawn(async move {
                 let builder = auto::Builder::new(TokioExecutor::new());
@@ -77,13 +85,14 @@ async fn serve_operator(first: AgentConfig, tls: Option<tokio_rustls::TlsAccepto
             });
         }
     });
-    Operator { config, cut, reports, url: format!("{scheme}://localhost:{port}") }
+    Operator { config, cut, reports, polls, url: format!("{scheme}://localhost:{port}") }
 }
 
 async fn agent_api(
     req: Request<Incoming>,
     config: watch::Sender<AgentConfig>,
     reports: Arc<Mutex<Vec<SloReport>>>,
+    polls: &AtomicUsize,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -96,6 +105,7 @@ async fn agent_api(
     let path = req.uri().path().to_owned();
     match path.as_str() {
         "/v1/policies/default/test/config" => {
+            polls.fetch_add(1, Ordering::SeqCst);
             let known = req.uri().query().and_then(|q| q.strip_prefix("revision=")).unwrap_or("").to_owned();
             let mut rx = config.subscribe();
             if rx.borrow().config.revision == known {
@@ -181,10 +191,15 @@ async fn run_against(tls: Option<(tokio_rustls::TlsAcceptor, std::path::PathBuf)
     // The operator drops the held long-poll without an answer (it restarted, or closed the
     // connection as it answered): the sidecar polls again at once, not after a backoff, so the
     // next change still arrives at once.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = || async { operator.config.receiver_count() == 1 };
+    eventually("the next long-poll held", Duration::from_secs(5), held).await;
+    let polls = operator.polls.load(Ordering::SeqCst);
     operator.cut.notify_waiters();
     let v4 = compiled(&policy(&V1.replace("objective: 99", "objective: 99.95")));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually("the sidecar polls again", Duration::from_secs(5), || async {
+        operator.polls.load(Ordering::SeqCst) > polls && held().await
+    })
+    .await;
     let sent = Instant::now();
     operator.config.send_replace(AgentConfig { config: v4.clone(), ready_replicas: 2 });
     wait_for_revision(sc.admin_addr, &v4.revision, Duration::from_secs(3)).await;

@@ -338,8 +338,10 @@ async fn a_client_that_leaves_gives_its_slot_back() {
     let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
+    let reached = up.count() + 1;
     c.send(get("/slow?ms=5000").as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the slow request at the app", Duration::from_secs(5), || async { up.count() >= reached })
+        .await;
     drop(c);
     // The slot is free again long before the app would have answered.
     let started = std::time::Instant::now();
@@ -375,8 +377,10 @@ async fn shutting_down_answers_what_was_asked_and_says_close() {
     let mut c = Conn::open(sc.proxy_addr).await;
     c.send(get(CACHED).as_bytes()).await;
     c.response(false).await;
+    let reached = up.count() + 1;
     c.send(get("/slow?ms=400").as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the slow request at the app", Duration::from_secs(5), || async { up.count() >= reached })
+        .await;
     sc.shutdown();
     let r = c.response(false).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"slow done"[..]));

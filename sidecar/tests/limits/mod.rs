@@ -243,7 +243,7 @@ async fn requests_over_max_in_flight_are_shed_at_once() {
             tokio::spawn(async move { get(&c, url).await.0 })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    eventually("both slow requests at the app", Duration::from_secs(5), || async { up.count() >= 2 }).await;
     let t = Instant::now();
     let (status, h, body) = get(&c, url.clone()).await;
     assert!(t.elapsed() < Duration::from_millis(200), "shed at once, not queued");

@@ -58,8 +58,14 @@ async fn slo_and_metrics_agree_with_what_was_sent() {
     }
     assert_eq!(sent.iter().filter(|s| **s == StatusCode::GATEWAY_TIMEOUT).count(), 3);
     assert_eq!(sent.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 4);
-    // Counting happens when each response body ends, just after the client read it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Counting happens when each response body ends, just after the client read it (each
+    // request is counted by every SLO at once).
+    eventually("the last request counted", Duration::from_secs(5), || async {
+        let (_, _, body) = get(&c, format!("http://{}/slo", sc.admin_addr)).await;
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        doc["slos"][0]["totalRequests"].as_u64() >= Some(62)
+    })
+    .await;
 
     let (status, _, body) = get(&c, format!("http://{}/slo", sc.admin_addr)).await;
     assert_eq!(status, StatusCode::OK);
