@@ -129,6 +129,20 @@ fn redis_store(
     }
 }
 
+/// The state a route had before a reload (`prior`), when its settings are still `config`: an
+/// open circuit stays open, a limit keeps the latency it learnt; otherwise a new one.
+fn carried<T, C: PartialEq>(
+    prior: Option<&Arc<T>>,
+    config: &C,
+    config_of: impl Fn(&T) -> &C,
+    new: impl FnOnce() -> T,
+) -> Arc<T> {
+    match prior.filter(|p| config_of(p) == config) {
+        Some(p) => p.clone(),
+        None => Arc::new(new()),
+    }
+}
+
 pub struct RouteRuntime {
     /// Its place in [`PolicyRuntime::routes`].
     pub index: usize,
@@ -288,14 +302,9 @@ impl PolicyRuntime {
                     // A breaker carries over a reload that keeps its settings: an open circuit
                     // stays open.
                     breaker: r.circuit_breaker.as_ref().map(|c| {
-                        match prior.and_then(|p| p.breaker.as_ref()).filter(|b| b.config() == c) {
-                            Some(b) => b.clone(),
-                            None => Arc::new(Breaker::new(
-                                c.clone(),
-                                process.clock.clone(),
-                                metrics.circuit_state(&r.name),
-                            )),
-                        }
+                        carried(prior.and_then(|p| p.breaker.as_ref()), c, Breaker::config, || {
+                            Breaker::new(c.clone(), process.clock.clone(), metrics.circuit_state(&r.name))
+                        })
                     }),
                     concurrency: r
                         .max_in_flight
@@ -308,14 +317,13 @@ impl PolicyRuntime {
                             // A limit that learnt the app's latency keeps it over a reload with the
                             // same settings.
                             let adaptive = r.adaptive_concurrency.as_ref().map(|a| {
-                                match prior.and_then(|c| c.adaptive.as_ref()).filter(|g| g.config() == a) {
-                                    Some(g) => g.clone(),
-                                    None => Arc::new(Gradient::new(
+                                carried(prior.and_then(|c| c.adaptive.as_ref()), a, Gradient::config, || {
+                                    Gradient::new(
                                         a.clone(),
                                         process.clock.clone(),
                                         metrics.concurrency_limit(&r.name),
-                                    )),
-                                }
+                                    )
+                                })
                             });
                             Concurrency { max, adaptive, count, gauge, shed }
                         }),
