@@ -22,7 +22,7 @@ use crate::{
     body::{IdleTimer, ProxyBody, UpstreamBody},
     error::ProxyError,
     headers::X_REQUEST_ID,
-    pipeline::{Cx, Service, rescue},
+    pipeline::{Cx, Service, Tried, rescue},
     runtime::{PolicyRuntime, RouteRuntime},
     upstream::SendError,
 };
@@ -48,7 +48,7 @@ impl<U> Forward<U> {
 
 impl<U> Service<Request<Incoming>> for Forward<U>
 where
-    U: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+    U: Service<Request<UpstreamBody>, Response = Tried>,
 {
     type Response = Response<ProxyBody>;
 
@@ -66,7 +66,7 @@ async fn forward<U>(
     cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
-    U: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+    U: Service<Request<UpstreamBody>, Response = Tried>,
 {
     let route = cx.route;
     if let Some(limit) = route.max_body
@@ -152,7 +152,7 @@ pub fn prepare(
 pub struct Upstream;
 
 impl Service<Request<UpstreamBody>> for Upstream {
-    type Response = Result<Response<Incoming>, ProxyError>;
+    type Response = Tried;
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
         send(cx.active, cx.route, req, cx.finish, cx.try_limit).await
@@ -165,7 +165,7 @@ async fn send(
     mut req: Request<UpstreamBody>,
     finish: &mut Accounting,
     try_limit: Option<std::time::Duration>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Tried {
     frame(&mut req);
     let sent_at = Instant::now();
     let limit = try_limit.unwrap_or(route.timeout);

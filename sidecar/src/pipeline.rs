@@ -58,19 +58,13 @@ pub trait Service<Req>: Sync {
     fn call(&self, req: Req, cx: &mut Cx<'_>) -> impl Future<Output = Self::Response> + Send;
 }
 
-/// The upstream-side layers as the cache holds them: copied into a background refresh.
-pub trait ToApp:
-    Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>> + Copy + Send + 'static
-{
-}
+/// What an upstream-side layer answers: the app's response, or why there is none.
+pub type Tried = Result<Response<Incoming>, ProxyError>;
 
-impl<U> ToApp for U where
-    U: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>
-        + Copy
-        + Send
-        + 'static
-{
-}
+/// The upstream-side layers as the cache holds them: copied into a background refresh.
+pub trait ToApp: Service<Request<UpstreamBody>, Response = Tried> + Copy + Send + 'static {}
+
+impl<U> ToApp for U where U: Service<Request<UpstreamBody>, Response = Tried> + Copy + Send + 'static {}
 
 /// The client's answer to a failure: problem+json with the request id; an answer the policy
 /// meant (a limit, shedding, a client's mistake) is marked so that SLOs leave it out.

@@ -3,20 +3,17 @@
 //! fails at once with 503 `circuit-open` (a cache fill then serves its stale entry within
 //! `staleIfError`, as for any failure of the app). Below the retries, so each try counts.
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Request;
 
 use crate::{
     body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service},
+    pipeline::{Cx, Service, Tried},
     resilience::{Admitted, Breaker},
 };
 
 #[derive(Clone, Copy)]
 pub struct CircuitBreak<S>(pub S);
-
-type Tried = Result<Response<Incoming>, ProxyError>;
 
 impl<S> Service<Request<UpstreamBody>> for CircuitBreak<S>
 where

@@ -3,13 +3,12 @@
 //! once. An adaptive limit learns from the time each admitted request took to get its
 //! response headers (its retries included: that is what the slot was held for).
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Request;
 
 use crate::{
     body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service},
+    pipeline::{Cx, Service, Tried},
 };
 
 #[derive(Clone, Copy)]
@@ -17,9 +16,9 @@ pub struct ConcurrencyLimit<S>(pub S);
 
 impl<S> Service<Request<UpstreamBody>> for ConcurrencyLimit<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+    S: Service<Request<UpstreamBody>, Response = Tried>,
 {
-    type Response = Result<Response<Incoming>, ProxyError>;
+    type Response = Tried;
 
     async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
         let Some(c) = &cx.route.concurrency else { return self.0.call(req, cx).await };

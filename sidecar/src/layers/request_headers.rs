@@ -4,13 +4,11 @@
 
 use std::future::Future;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Request;
 
 use crate::{
     body::UpstreamBody,
-    error::ProxyError,
-    pipeline::{Cx, Service},
+    pipeline::{Cx, Service, Tried},
 };
 
 #[derive(Clone, Copy)]
@@ -18,9 +16,9 @@ pub struct SetRequestHeaders<S>(pub S);
 
 impl<S> Service<Request<UpstreamBody>> for SetRequestHeaders<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Result<Response<Incoming>, ProxyError>>,
+    S: Service<Request<UpstreamBody>, Response = Tried>,
 {
-    type Response = Result<Response<Incoming>, ProxyError>;
+    type Response = Tried;
 
     // Not async: the request is changed here and the app's future handed up as it is, so this
     // layer adds no state (and no copy) to the stack's future.

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::{
     body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service},
+    pipeline::{Cx, Service, Tried},
 };
 
 /// The largest request body kept to be sent again.
@@ -30,8 +30,6 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 #[derive(Clone, Copy)]
 pub struct Retry<S>(pub S);
-
-type Tried = Result<Response<Incoming>, ProxyError>;
 
 impl<S> Service<Request<UpstreamBody>> for Retry<S>
 where
