@@ -37,7 +37,7 @@ where
 {
     type Response = Tried;
 
-    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried {
+    async fn call(&self, mut req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried {
         let Some(budget) = &cx.route.retry else { return self.0.call(req, cx).await };
         budget.deposit(cx.finish.started());
         let replayable = req.body().size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
@@ -47,12 +47,11 @@ where
         // The tries, in this function: another level of future would be copied whole each time
         // a request goes through, and a box costs an allocation and the same copy.
         let config = &budget.config;
-        let mut try_req = req;
-        let body = read_whole(try_req.body_mut()).await?;
-        *try_req.body_mut() = UpstreamBody::Replay { data: body.clone() };
+        let body = read_whole(req.body_mut()).await?;
+        *req.body_mut() = UpstreamBody::Replay { data: body.clone() };
         // The first try sends the request itself; what a later one needs of its head is kept
         // aside.
-        let spare = Spare::of(&try_req);
+        let spare = Spare::of(&req);
         let per_try = config.per_try_timeout_ms.map(Duration::from_millis);
         // The first try has the route's timeout, as a request without retries (no clock read);
         // a later one what is left of it.
@@ -61,7 +60,7 @@ where
         loop {
             // The app's side times the try (and the breaker below counts its timeout).
             cx.try_limit = Some(per_try.map_or(limit, |t| t.min(limit)));
-            let outcome = self.0.call(try_req, cx).await;
+            let outcome = self.0.call(req, cx).await;
             cx.try_limit = None;
             let failed = retry_on(&outcome, &config.on);
             if !failed || attempt >= config.attempts {
@@ -90,7 +89,7 @@ where
             tokio::time::sleep(wait).await;
             attempt += 1;
             limit = deadline.saturating_duration_since(Instant::now());
-            try_req = spare.request(UpstreamBody::Replay { data: body.clone() });
+            req = spare.request(UpstreamBody::Replay { data: body.clone() });
         }
     }
 }
