@@ -316,6 +316,7 @@ fn signalled_service(
     let sidecar = conns.sidecar.clone();
     hyper::service::service_fn(move |req| {
         let (sidecar, signal) = (sidecar.clone(), signal.clone());
+        let req = Box::new(req);
         async move {
             let resp = sidecar.proxy.handle(req, peer).await;
             Ok(resp.map(|body| Signalled { body, signal }))

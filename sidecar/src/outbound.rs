@@ -14,7 +14,6 @@ use http::{
     uri::PathAndQuery,
 };
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::{
@@ -22,7 +21,7 @@ use crate::{
     body::{IdleTimer, ProxyBody, UpstreamBody},
     error::ProxyError,
     headers::X_REQUEST_ID,
-    pipeline::{Cx, Service, Tried, rescue},
+    pipeline::{AppRequest, ClientRequest, Cx, Service, Tried, rescue},
     runtime::{PolicyRuntime, RouteRuntime},
     upstream::SendError,
 };
@@ -46,13 +45,13 @@ impl<U> Forward<U> {
     }
 }
 
-impl<U> Service<Request<Incoming>> for Forward<U>
+impl<U> Service<ClientRequest> for Forward<U>
 where
-    U: Service<Request<UpstreamBody>, Response = Tried>,
+    U: Service<AppRequest, Response = Tried>,
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: ClientRequest, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         match forward(&self.0, req, cx).await {
             Ok(resp) => resp,
             Err(e) => rescue(e, cx),
@@ -62,11 +61,11 @@ where
 
 async fn forward<U>(
     upstream: &U,
-    mut req: Request<Incoming>,
+    mut req: ClientRequest,
     cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
-    U: Service<Request<UpstreamBody>, Response = Tried>,
+    U: Service<AppRequest, Response = Tried>,
 {
     let route = cx.route;
     if let Some(limit) = route.max_body
@@ -75,9 +74,9 @@ where
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let upgrade = wants_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
 
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, body) = (*req).into_parts();
     prepare(&mut parts, cx.peer, cx.id, upgrade)?;
     let idle = IdleTimer::new(route.stream_idle_timeout);
     let body = match route.max_body {
@@ -87,7 +86,7 @@ where
         },
         None => UpstreamBody::Client { body, idle },
     };
-    let mut resp = upstream.call(Request::from_parts(parts, body), cx).await?;
+    let mut resp = upstream.call(Box::new(Request::from_parts(parts, body)), cx).await?;
 
     if let Some(client_upgrade) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -151,10 +150,10 @@ pub fn prepare(
 #[derive(Clone, Copy)]
 pub struct Upstream;
 
-impl Service<Request<UpstreamBody>> for Upstream {
+impl Service<AppRequest> for Upstream {
     type Response = Tried;
 
-    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
+    async fn call(&self, req: AppRequest, cx: &mut Cx<'_>) -> Self::Response {
         send(cx.active, cx.route, req, cx.finish, cx.try_limit).await
     }
 }
@@ -162,7 +161,7 @@ impl Service<Request<UpstreamBody>> for Upstream {
 async fn send(
     active: &PolicyRuntime,
     route: &RouteRuntime,
-    mut req: Request<UpstreamBody>,
+    mut req: AppRequest,
     finish: &mut Accounting,
     try_limit: Option<std::time::Duration>,
 ) -> Tried {

@@ -12,7 +12,7 @@
 //! Two kinds of service meet in the stack. Client-side layers take the client's request and
 //! always answer (`Response<ProxyBody>`: a failure is rescued into a problem answer on the
 //! spot, so the layers above still decorate it). Upstream-side layers take a request for the
-//! app (`Request<UpstreamBody>`) and give the app's answer or the error (`Result`), which the
+//! app ([`AppRequest`]) and give the app's answer or the error (`Result`), which the
 //! caller may still turn into something else (the cache serves stale on an error).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
@@ -58,13 +58,22 @@ pub trait Service<Req>: Sync {
     fn call(&self, req: Req, cx: &mut Cx<'_>) -> impl Future<Output = Self::Response> + Send;
 }
 
+/// The client's request as the client-side layers hand it down, and a request for the app as
+/// the upstream-side ones do: boxed. An async fn keeps its arguments in its future for its
+/// whole life (rust-lang/rust#62958), each layer's future holds the one below it, and each is
+/// copied whole into its caller's when it is made: by value (264 and 312 bytes), a request made
+/// every level of the stack that much larger, and the copies with it. Boxed, a level keeps a
+/// pointer, for one allocation per request on each side.
+pub type ClientRequest = Box<Request<Incoming>>;
+pub type AppRequest = Box<Request<UpstreamBody>>;
+
 /// What an upstream-side layer answers: the app's response, or why there is none.
 pub type Tried = Result<Response<Incoming>, ProxyError>;
 
 /// The upstream-side layers as the cache holds them: copied into a background refresh.
-pub trait ToApp: Service<Request<UpstreamBody>, Response = Tried> + Copy + Send + 'static {}
+pub trait ToApp: Service<AppRequest, Response = Tried> + Copy + Send + 'static {}
 
-impl<U> ToApp for U where U: Service<Request<UpstreamBody>, Response = Tried> + Copy + Send + 'static {}
+impl<U> ToApp for U where U: Service<AppRequest, Response = Tried> + Copy + Send + 'static {}
 
 /// The client's answer to a failure: problem+json with the request id; an answer the policy
 /// meant (a limit, shedding, a client's mistake) is marked so that SLOs leave it out.

@@ -8,7 +8,6 @@ use std::{net::SocketAddr, time::Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Uri, header, uri::PathAndQuery};
-use hyper::body::Incoming;
 
 use tower::{ServiceBuilder, layer::layer_fn};
 
@@ -28,7 +27,7 @@ use crate::{
         shed::ShedByPriority,
     },
     outbound::{Forward, Upstream},
-    pipeline::{Cx, Service},
+    pipeline::{ClientRequest, Cx, Service},
     request_id::RequestIds,
     routes::PathError,
     runtime::PolicyRuntime,
@@ -38,7 +37,7 @@ use crate::{
 /// request order: each layer sees the request before the ones under it, and their answer
 /// after them. The layers hold nothing (each reads its own part of the route a request
 /// matched), so building the stack costs nothing and it is built where it is used.
-pub fn stack() -> impl Service<Request<Incoming>, Response = Response<ProxyBody>> {
+pub fn stack() -> impl Service<ClientRequest, Response = Response<ProxyBody>> {
     ServiceBuilder::new()
         // Outermost: compression sees every answer, problem answers included (they get Vary).
         .layer(layer_fn(Compress))
@@ -79,7 +78,7 @@ impl Proxy {
         Self { active: ArcSwap::from_pointee(active), ids: RequestIds::new() }
     }
 
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: ClientRequest, peer: SocketAddr) -> Response<ProxyBody> {
         let start = Instant::now();
         // One snapshot per request: a reload in the middle of it does not change its config.
         let active = self.active.load_full();

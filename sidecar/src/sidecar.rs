@@ -135,6 +135,7 @@ pub fn proxy_service(
 + 'static {
     service_fn(move |req| {
         let sc = sidecar.clone();
+        let req = Box::new(req);
         async move { Ok::<_, Infallible>(sc.proxy.handle(req, peer).await) }
     })
 }

@@ -134,7 +134,7 @@ impl UpstreamPool {
     /// reused connection closed under before sending it is retried, as the legacy client did.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<UpstreamBody>,
+        mut req: Box<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, SendError> {
         let mut attempt = 0;
         loop {
@@ -146,7 +146,7 @@ impl UpstreamPool {
                 // otherwise make every request's future, and each copy of it, larger.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match tx.try_send_request(req).await {
+            match tx.try_send_request(*req).await {
                 Ok(resp) => {
                     // Back to the pool once the connection can take the next request: now when
                     // the whole response is read already, else when it has been.
@@ -163,7 +163,7 @@ impl UpstreamPool {
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) if is_reused => req = unsent,
+                    Some(unsent) if is_reused => *req = unsent,
                     _ => return Err(SendError::Http(e.into_error())),
                 },
             }

@@ -26,7 +26,7 @@ use crate::{
     error::ProxyError,
     headers::{Raw, RequestHeaders},
     outbound::prepare,
-    pipeline::{Cx, ToApp},
+    pipeline::{ClientRequest, Cx, ToApp},
     runtime::{PolicyRuntime, RouteRuntime},
 };
 
@@ -90,7 +90,7 @@ fn cache_status(kind: &str) -> HeaderValue {
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<U: ToApp>(
     upstream: U,
-    req: Request<Incoming>,
+    req: ClientRequest,
     asks: RequestCacheHeaders,
     cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -108,7 +108,7 @@ pub async fn serve<U: ToApp>(
 
 async fn serve_full<U: ToApp>(
     upstream: U,
-    req: Request<Incoming>,
+    req: ClientRequest,
     cx: &mut Cx<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (active, route) = (cx.active, cx.route);
@@ -116,7 +116,7 @@ async fn serve_full<U: ToApp>(
     let store = &active.store;
     let head = req.method() == Method::HEAD;
     let key = target(&req, config.sort_query);
-    let (mut parts, _get_body_has_no_meaning) = req.into_parts();
+    let (mut parts, _get_body_has_no_meaning) = (*req).into_parts();
     for name in crate::forwarded::rewriting() {
         parts.headers.remove(name);
     }
@@ -237,7 +237,7 @@ async fn fetch<U: ToApp>(
         asked
     });
     prepare(&mut parts, cx.peer, cx.id, false)?;
-    let resp = upstream.call(Request::from_parts(parts, UpstreamBody::Empty), cx).await?;
+    let resp = upstream.call(Box::new(Request::from_parts(parts, UpstreamBody::Empty)), cx).await?;
     Ok((resp, revalidating))
 }
 

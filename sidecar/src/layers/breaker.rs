@@ -3,25 +3,22 @@
 //! fails at once with 503 `circuit-open` (a cache fill then serves its stale entry within
 //! `staleIfError`, as for any failure of the app). Below the retries, so each try counts.
 
-use http::Request;
-
 use crate::{
-    body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service, Tried},
+    pipeline::{AppRequest, Cx, Service, Tried},
     resilience::{Admitted, Breaker},
 };
 
 #[derive(Clone, Copy)]
 pub struct CircuitBreak<S>(pub S);
 
-impl<S> Service<Request<UpstreamBody>> for CircuitBreak<S>
+impl<S> Service<AppRequest> for CircuitBreak<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Tried>,
+    S: Service<AppRequest, Response = Tried>,
 {
     type Response = Tried;
 
-    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried {
+    async fn call(&self, req: AppRequest, cx: &mut Cx<'_>) -> Tried {
         let Some(breaker) = &cx.route.breaker else { return self.0.call(req, cx).await };
         let admitted = breaker.admit().map_err(|retry_after_s| ProxyError::CircuitOpen { retry_after_s })?;
         // A try dropped before its outcome (the client left, a per-try timeout) tells nothing.

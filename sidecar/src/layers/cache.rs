@@ -4,14 +4,13 @@
 //! counted like any request to the app. What the cache may not answer passes through; an
 //! unsafe request that the app took invalidates the cached URL.
 
-use http::{Method, Request, Response};
-use hyper::body::Incoming;
+use http::{Method, Response};
 
 use crate::{
     body::ProxyBody,
     cache::{RequestCacheHeaders, request},
     outbound::Forward,
-    pipeline::{Cx, Service, ToApp, rescue},
+    pipeline::{ClientRequest, Cx, Service, ToApp, rescue},
 };
 
 pub struct Cache<S>(pub S);
@@ -31,13 +30,13 @@ impl<U: ToApp> Fills for Forward<U> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for Cache<S>
+impl<S> Service<ClientRequest> for Cache<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>> + Fills,
+    S: Service<ClientRequest, Response = Response<ProxyBody>> + Fills,
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: ClientRequest, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if let Some(cache) = &cx.route.cache {
             let asks = RequestCacheHeaders::of(req.headers());
             match request::eligible(cache, &req, asks) {

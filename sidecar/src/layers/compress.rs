@@ -3,24 +3,23 @@
 //! left alone. Every answer of a compressing route says `Vary: Accept-Encoding`, problem
 //! answers included.
 
-use http::{HeaderValue, Method, Request, Response, header};
-use hyper::body::Incoming;
+use http::{HeaderValue, Method, Response, header};
 
 use crate::{
     body::ProxyBody,
     compress,
-    pipeline::{Cx, Service},
+    pipeline::{ClientRequest, Cx, Service},
 };
 
 pub struct Compress<S>(pub S);
 
-impl<S> Service<Request<Incoming>> for Compress<S>
+impl<S> Service<ClientRequest> for Compress<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>>,
+    S: Service<ClientRequest, Response = Response<ProxyBody>>,
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: ClientRequest, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if cx.route.compression.is_none() || req.method() == Method::HEAD {
             return self.0.call(req, cx).await;
         }

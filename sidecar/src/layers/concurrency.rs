@@ -3,24 +3,21 @@
 //! once. An adaptive limit learns from the time each admitted request took to get its
 //! response headers (its retries included: that is what the slot was held for).
 
-use http::Request;
-
 use crate::{
-    body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service, Tried},
+    pipeline::{AppRequest, Cx, Service, Tried},
 };
 
 #[derive(Clone, Copy)]
 pub struct ConcurrencyLimit<S>(pub S);
 
-impl<S> Service<Request<UpstreamBody>> for ConcurrencyLimit<S>
+impl<S> Service<AppRequest> for ConcurrencyLimit<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Tried>,
+    S: Service<AppRequest, Response = Tried>,
 {
     type Response = Tried;
 
-    async fn call(&self, req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Self::Response {
+    async fn call(&self, req: AppRequest, cx: &mut Cx<'_>) -> Self::Response {
         let Some(c) = &cx.route.concurrency else { return self.0.call(req, cx).await };
         c.admit(cx.class)?;
         cx.finish.holds_slot = true;

@@ -1,23 +1,22 @@
 //! The route's rate limit (`routes[].rateLimit`): a refused request costs nothing further, and
 //! the limit's headers go on every answer of the route, problem answers included.
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Response;
 
 use crate::{
     body::ProxyBody,
-    pipeline::{Cx, Service, rescue},
+    pipeline::{ClientRequest, Cx, Service, rescue},
 };
 
 pub struct RateLimit<S>(pub S);
 
-impl<S> Service<Request<Incoming>> for RateLimit<S>
+impl<S> Service<ClientRequest> for RateLimit<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>>,
+    S: Service<ClientRequest, Response = Response<ProxyBody>>,
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: ClientRequest, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         let Some(limiter) = &cx.route.limiter else { return self.0.call(req, cx).await };
         let applied = match limiter
             .check(req.headers(), cx.peer, &cx.active.trusted, cx.protection.tighten_permille)

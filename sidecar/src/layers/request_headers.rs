@@ -4,29 +4,20 @@
 
 use std::future::Future;
 
-use http::Request;
-
-use crate::{
-    body::UpstreamBody,
-    pipeline::{Cx, Service, Tried},
-};
+use crate::pipeline::{AppRequest, Cx, Service, Tried};
 
 #[derive(Clone, Copy)]
 pub struct SetRequestHeaders<S>(pub S);
 
-impl<S> Service<Request<UpstreamBody>> for SetRequestHeaders<S>
+impl<S> Service<AppRequest> for SetRequestHeaders<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Tried>,
+    S: Service<AppRequest, Response = Tried>,
 {
     type Response = Tried;
 
     // Not async: the request is changed here and the app's future handed up as it is, so this
     // layer adds no state (and no copy) to the stack's future.
-    fn call(
-        &self,
-        mut req: Request<UpstreamBody>,
-        cx: &mut Cx<'_>,
-    ) -> impl Future<Output = Self::Response> + Send {
+    fn call(&self, mut req: AppRequest, cx: &mut Cx<'_>) -> impl Future<Output = Self::Response> + Send {
         if let Some(rules) = &cx.route.request_headers {
             rules.apply(req.headers_mut());
         }

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::{
     body::UpstreamBody,
     error::ProxyError,
-    pipeline::{Cx, Service, Tried},
+    pipeline::{AppRequest, Cx, Service, Tried},
 };
 
 /// The largest request body kept to be sent again.
@@ -31,13 +31,13 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 #[derive(Clone, Copy)]
 pub struct Retry<S>(pub S);
 
-impl<S> Service<Request<UpstreamBody>> for Retry<S>
+impl<S> Service<AppRequest> for Retry<S>
 where
-    S: Service<Request<UpstreamBody>, Response = Tried>,
+    S: Service<AppRequest, Response = Tried>,
 {
     type Response = Tried;
 
-    async fn call(&self, mut req: Request<UpstreamBody>, cx: &mut Cx<'_>) -> Tried {
+    async fn call(&self, mut req: AppRequest, cx: &mut Cx<'_>) -> Tried {
         let Some(budget) = &cx.route.retry else { return self.0.call(req, cx).await };
         budget.deposit(cx.finish.started());
         let replayable = req.body().size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
@@ -89,7 +89,7 @@ where
             tokio::time::sleep(wait).await;
             attempt += 1;
             limit = deadline.saturating_duration_since(Instant::now());
-            req = spare.request(UpstreamBody::Replay { data: body.clone() });
+            req = Box::new(spare.request(UpstreamBody::Replay { data: body.clone() }));
         }
     }
 }

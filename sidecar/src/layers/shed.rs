@@ -3,14 +3,13 @@
 //! `shed-by-priority` at once, counted in `apipolicy_shed_total{route,priority}`. The answer
 //! is the policy working, so SLOs leave it out.
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Response;
 
 use crate::{
     body::ProxyBody,
     error::ProxyError,
     layers::cache::Fills,
-    pipeline::{Cx, Service, rescue},
+    pipeline::{ClientRequest, Cx, Service, rescue},
     priority::Class,
 };
 
@@ -24,13 +23,13 @@ impl<S: Fills> Fills for ShedByPriority<S> {
     }
 }
 
-impl<S> Service<Request<Incoming>> for ShedByPriority<S>
+impl<S> Service<ClientRequest> for ShedByPriority<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>>,
+    S: Service<ClientRequest, Response = Response<ProxyBody>>,
 {
     type Response = Response<ProxyBody>;
 
-    async fn call(&self, req: Request<Incoming>, cx: &mut Cx<'_>) -> Response<ProxyBody> {
+    async fn call(&self, req: ClientRequest, cx: &mut Cx<'_>) -> Response<ProxyBody> {
         if cx.protection.shed && cx.class == Class::Sheddable {
             if let Some(shed) = cx.route.shed.as_ref() {
                 shed[Class::Sheddable.index()].inc();
