@@ -75,7 +75,7 @@ def panel_goals(ax):
     colors = [GOOD if s >= 1 else BAD for _, s in rows]
     bars = ax.barh(ys, shown, color=colors, alpha=0.8)
     for b, (g, s) in zip(bars, rows):
-        fmt = {"x": "{:.2f}x", "ms": "{:.3f} ms", "ns": "{:,.0f} ns", "rps": "{:,.0f}/s"}.get(g["format"], "{}")
+        fmt = {"x": "{:.2f}x", "x3": "{:.3f}x", "ms": "{:.3f} ms", "ns": "{:,.0f} ns", "rps": "{:,.0f}/s"}.get(g["format"], "{}")
         txt = fmt.format(g["value"]) + (" (noisy)" if g.get("noisy") else "")
         ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " " + txt, va="center", fontsize=8)
     ax.set_yticks(ys, labels, fontsize=8)

@@ -226,6 +226,10 @@ def fx(v):
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def fx3(v):
+    return "n/a" if v is None else f"{v:.3f}x"
+
+
 def fms(v, digits=3):
     return "n/a" if v is None else f"{v:,.{digits}f} ms"
 
@@ -340,7 +344,7 @@ def goal(scenario, claim, value, target, op, fmt, runs, note="", short=None):
 def fmt_goal(v, fmt):
     if v is None:
         return "n/a"
-    return {"x": lambda: f"{v:.2f}x", "ms": lambda: f"{v:.3f} ms", "ns": lambda: f"{v:,.0f} ns",
+    return {"x": lambda: f"{v:.2f}x", "x3": lambda: f"{v:.3f}x", "ms": lambda: f"{v:.3f} ms", "ns": lambda: f"{v:,.0f} ns",
             "rps": lambda: f"{v:,.0f}/s", "n": lambda: f"{v:,.0f}"}[fmt]()
 
 
@@ -932,6 +936,69 @@ if "decision" in SCENARIOS:
            "from /proc/thread-self/stat, 10 ms ticks); other processes took the rest. \"ns of CPU time\" = ns/decision × "
            "that share, an estimate of the undisturbed cost. The verdicts use the wall-clock median, the stricter figure."]
     md_sections.append((sc, "decision: rate-limit decision micro-benchmark", md))
+
+# ---------------------------------------------------------------------------------------
+# Scenario: compare (this sidecar against an earlier binary, --before)
+COMPARE_KINDS = [
+    ("pass-through", "pass-through (/api route, timeout 5s)"),
+    ("cache-hit", "cache hit"),
+    ("gzip-hit", "gzip'd cache hit (20 KiB JSON)"),
+    ("limited", "Pod-limited route"),
+]
+# A change to the request path keeps each kind within 3 % of before (or better).
+COMPARE_TOLERANCE = 0.97
+if "compare" in SCENARIOS:
+    sc = "compare"
+    rounds = int(env("BENCH_COMPARE_ROUNDS", "0"))
+    cdur = env("BENCH_COMPARE_DURATION", "5s")
+    res = {"before_binary": env("BENCH_BEFORE_BIN"), "before_version": env("BENCH_BEFORE_VERSION"),
+           "after_binary": env("BENCH_SIDECAR_BIN"), "rounds": rounds, "kinds": {}}
+    rows = []
+    for kind, label in COMPARE_KINDS:
+        before = [wrk_run(f"{sc}.{kind}.before.{r}", f"{label}, before, round {r}", sc) for r in range(1, rounds + 1)]
+        after = [wrk_run(f"{sc}.{kind}.after.{r}", f"{label}, after, round {r}", sc) for r in range(1, rounds + 1)]
+        by_rps = [ratio(a["wrk"]["rps"], b["wrk"]["rps"]) for a, b in zip(after, before)]
+        by_cpu = [ratio(a["rps_per_cpu_second"], b["rps_per_cpu_second"]) for a, b in zip(after, before)]
+        med = lambda xs: statistics.median(xs) if xs and None not in xs else None
+        k = {
+            "before_rps": [b["wrk"]["rps"] for b in before],
+            "after_rps": [a["wrk"]["rps"] for a in after],
+            "ratio_rounds": by_rps,
+            "ratio_per_cpu_second_rounds": by_cpu,
+            "ratio_median": med(by_rps),
+            "ratio_per_cpu_second_median": med(by_cpu),
+            "before_p99_ms_median": med([b["wrk"].get("p99_ms") for b in before]),
+            "after_p99_ms_median": med([a["wrk"].get("p99_ms") for a in after]),
+            "runs": {"before": [public(b) for b in before], "after": [public(a) for a in after]},
+        }
+        res["kinds"][kind] = k
+        goal(sc, f"{label}: after ÷ before req/s, median of {rounds} paired rounds", k["ratio_median"], COMPARE_TOLERANCE,
+             ">=", "x3", before + after,
+             note=f"per CPU-second {fx3(k['ratio_per_cpu_second_median'])}; rounds: " + ", ".join(fx3(x) for x in by_rps),
+             short=f"{kind}: after ÷ before req/s")
+        rows.append((label, k))
+    scenarios[sc] = res
+    md = [
+        f"The sidecar under test (after: `{res['after_binary'] or 'target/dist'}`) against an earlier binary (before: "
+        f"`{res['before_binary']}`, {res['before_version'] or 'version unknown'}), each running the same two configs "
+        "(the baseline's pass-through policy and the feature scenarios' policy) side by side on core 0. Per kind, "
+        f"{rounds} rounds of one `wrk -t1 -c{env('BENCH_WRK_CONNS')} -d{cdur}` run per binary, the order alternating "
+        "(before, after, after, before, ...), so the machine's drift over the session hits both alike; the verdict is the "
+        "median of the per-round ratios, and a change to the request path should keep every kind ≥ 0.970x.",
+        "",
+        "| kind | before req/s (median) | after req/s (median) | after ÷ before, median | per CPU-second | rounds | wrk p99 before → after |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for label, k in rows:
+        md.append(
+            f"| {label} | {f(statistics.median(k['before_rps']), 0)} | {f(statistics.median(k['after_rps']), 0)} "
+            f"| **{fx3(k['ratio_median'])}** | {fx3(k['ratio_per_cpu_second_median'])} "
+            f"| {', '.join(fx3(x) for x in k['ratio_rounds'])} "
+            f"| {fms(k['before_p99_ms_median'])} → {fms(k['after_p99_ms_median'])} |"
+        )
+    md += ["", "Every run:", "", *run_table([r for k in res["kinds"].values() for side in ("before", "after")
+                                             for r in k["runs"][side]])]
+    md_sections.append((sc, "compare: this sidecar against an earlier binary", md))
 
 # ---------------------------------------------------------------------------------------
 commands = open(f"{RAW}/commands.txt").read().rstrip("\n")

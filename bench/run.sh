@@ -9,6 +9,10 @@
 #                     in the sidecar and in nginx (limit_req)
 #   ratelimit-global  a Global (Redis) limit: decisions/s and added latency at a fixed rate
 #   decision          the rate-limit decision micro-benchmark (sidecar/benches/decision.rs)
+#   compare           (only when asked for, with --before) this sidecar against an earlier binary:
+#                     pass-through, cache hits, gzip'd hits and a Pod-limited route, in short
+#                     runs alternating before/after/after/before...; the report gives the median
+#                     of the per-round after ÷ before ratios. For a change to the request path.
 #
 # One run, on one machine, loopback only. Each proxy under test is pinned to core 0;
 # the load generator (wrk, oha), the upstream nginx and Redis share core 1.
@@ -17,8 +21,9 @@
 # Scratch (configs, pids, logs, raw output, installed tools): bench/work/ (gitignored).
 # See bench/README.md.
 #
-# Usage: bash bench/run.sh [--only NAME[,NAME...]]... [--list]
+# Usage: bash bench/run.sh [--only NAME[,NAME...]]... [--before BIN] [--list]
 #   (or SCENARIOS=NAME,NAME bash bench/run.sh)
+#   --before BIN       compare against the sidecar binary BIN (alone: runs the compare scenario only)
 #
 # Environment knobs (all optional):
 #   SCENARIOS          comma-separated scenarios to run (default: all); --only wins over it
@@ -31,7 +36,9 @@
 #   GLOBAL_OHA_DURATION  length of each of those runs (default 8s)
 #   DECISION_BENCH_MS  time per sample of the decision micro-benchmark (default 60)
 #   OHA_VERSION        oha version to install when oha is missing (default 1.16.0)
-#   BASE_PORT          first of the loopback ports used (default 18080; 9 consecutive ports)
+#   COMPARE_ROUNDS     rounds of the compare scenario (default 6; each runs both binaries once)
+#   COMPARE_DURATION   length of each wrk run of the compare scenario (default 5s)
+#   BASE_PORT          first of the loopback ports used (default 18080; 13 consecutive ports)
 #   RESULTS_DIR        where latest.{md,json,png} go (default: see above)
 set -euo pipefail
 
@@ -54,6 +61,9 @@ GLOBAL_OHA_DURATION=${GLOBAL_OHA_DURATION:-8s}
 DECISION_BENCH_MS=${DECISION_BENCH_MS:-60}
 OHA_VERSION=${OHA_VERSION:-1.16.0}
 BASE_PORT=${BASE_PORT:-18080}
+COMPARE_ROUNDS=${COMPARE_ROUNDS:-6}
+COMPARE_DURATION=${COMPARE_DURATION:-5s}
+BEFORE_BIN=${BEFORE_BIN:-}
 
 PROXY_CORE=0 # every proxy under test (one at a time is loaded)
 LOAD_CORE=1  # wrk, oha, the upstream nginx and Redis
@@ -67,8 +77,16 @@ FSIDECAR_PORT=$((BASE_PORT + 5)) # the sidecar with the feature routes (cache, g
 FSIDECAR_ADMIN_PORT=$((BASE_PORT + 6))
 FNGINX_PORT=$((BASE_PORT + 7)) # the nginx with the matching locations
 REDIS_PORT=$((BASE_PORT + 8))
+# The compare scenario's copies of the two sidecars, running the --before binary.
+BSIDECAR_PORT=$((BASE_PORT + 9))
+BSIDECAR_ADMIN_PORT=$((BASE_PORT + 10))
+BFSIDECAR_PORT=$((BASE_PORT + 11))
+BFSIDECAR_ADMIN_PORT=$((BASE_PORT + 12))
 
 ALL_SCENARIOS=(baseline cache-hit gzip-hit ratelimit-pod ratelimit-global decision)
+# Scenarios that run only when named (they need more than this checkout).
+ASKED_SCENARIOS=(compare)
+KNOWN_SCENARIOS=("${ALL_SCENARIOS[@]}" "${ASKED_SCENARIOS[@]}")
 
 PATH_UNDER_TEST=/api/bench
 TARGETS=(direct sidecar nginx haproxy)
@@ -111,8 +129,17 @@ while (($#)); do
     ONLY+=("${_names[@]}")
     shift
     ;;
+  --before)
+    (($# >= 2)) || die "--before needs the path of a sidecar binary to compare against"
+    BEFORE_BIN=$2
+    shift 2
+    ;;
+  --before=*)
+    BEFORE_BIN=${1#--before=}
+    shift
+    ;;
   --list)
-    printf '%s\n' "${ALL_SCENARIOS[@]}"
+    printf '%s\n' "${KNOWN_SCENARIOS[@]}"
     exit 0
     ;;
   -h | --help)
@@ -125,18 +152,27 @@ done
 if ((${#ONLY[@]} == 0)) && [[ -n "${SCENARIOS:-}" && "${SCENARIOS:-}" != all ]]; then
   IFS=', ' read -ra ONLY <<<"$SCENARIOS"
 fi
+# --before alone: the comparison is what was asked for, not a full run beside it.
+if ((${#ONLY[@]} == 0)) && [[ -n "$BEFORE_BIN" ]]; then ONLY=(compare); fi
 SELECTED=()
 for s in "${ONLY[@]}"; do
-  [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (one of: ${ALL_SCENARIOS[*]})"
+  [[ " ${KNOWN_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (one of: ${KNOWN_SCENARIOS[*]})"
 done
-for s in "${ALL_SCENARIOS[@]}"; do # always in this order
-  if ((${#ONLY[@]} == 0)) || [[ " ${ONLY[*]} " == *" $s "* ]]; then SELECTED+=("$s"); fi
+for s in "${KNOWN_SCENARIOS[@]}"; do # always in this order
+  if [[ " ${ONLY[*]} " == *" $s "* ]] ||
+    { ((${#ONLY[@]} == 0)) && [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]]; }; then SELECTED+=("$s"); fi
 done
 wants() { [[ " ${SELECTED[*]} " == *" $1 "* ]]; }
 NEED_BASE=0 NEED_FEAT=0 NEED_FNGINX=0 NEED_REDIS=0
 wants baseline && NEED_BASE=1
 for s in cache-hit gzip-hit ratelimit-pod; do wants "$s" && NEED_FEAT=1 NEED_FNGINX=1; done
 wants ratelimit-global && NEED_FEAT=1 NEED_REDIS=1
+NEED_BEFORE=0
+if wants compare; then
+  [[ -n "$BEFORE_BIN" ]] || die "the compare scenario needs the binary to compare against: --before PATH (or BEFORE_BIN=PATH)"
+  [[ -x "$BEFORE_BIN" ]] || die "--before $BEFORE_BIN is not an executable file"
+  NEED_BASE=1 NEED_FEAT=1 NEED_BEFORE=1
+fi
 NEED_SERVERS=$((NEED_BASE || NEED_FEAT))
 FULL_RUN=$((${#SELECTED[@]} == ${#ALL_SCENARIOS[@]}))
 if [[ -n "${RESULTS_DIR:-}" ]]; then
@@ -584,6 +620,7 @@ start_servers() {
   ((NEED_FEAT)) && ports+=("$FSIDECAR_PORT" "$FSIDECAR_ADMIN_PORT")
   ((NEED_FNGINX)) && ports+=("$FNGINX_PORT")
   ((NEED_REDIS)) && ports+=("$REDIS_PORT")
+  ((NEED_BEFORE)) && ports+=("$BSIDECAR_PORT" "$BSIDECAR_ADMIN_PORT" "$BFSIDECAR_PORT" "$BFSIDECAR_ADMIN_PORT")
   for p in "${ports[@]}"; do
     ! port_in_use "$p" || die "port 127.0.0.1:$p is already in use (set BASE_PORT to move the ports)"
   done
@@ -622,6 +659,16 @@ start_servers() {
       --listen "127.0.0.1:$FSIDECAR_PORT" --admin "127.0.0.1:$FSIDECAR_ADMIN_PORT" \
       --threads 1 --access-log false --log warn --cache-size 64Mi
   fi
+  if ((NEED_BEFORE)); then # the same two sidecars, same configs, from the --before binary
+    start_server sidecar-before "$PROXY_CORE" "" \
+      "$BEFORE_BIN" --policy "$WORK/sidecar/policy.yaml" --upstream "http://127.0.0.1:$UPSTREAM_PORT" \
+      --listen "127.0.0.1:$BSIDECAR_PORT" --admin "127.0.0.1:$BSIDECAR_ADMIN_PORT" \
+      --threads 1 --access-log false --log warn
+    start_server sidecar-feat-before "$PROXY_CORE" "" \
+      "$BEFORE_BIN" --policy "$WORK/sidecar-feat/policy.yaml" --upstream "http://127.0.0.1:$UPSTREAM_PORT" \
+      --listen "127.0.0.1:$BFSIDECAR_PORT" --admin "127.0.0.1:$BFSIDECAR_ADMIN_PORT" \
+      --threads 1 --access-log false --log warn --cache-size 64Mi
+  fi
   if ((NEED_FNGINX)); then
     start_server nginx-feat "$PROXY_CORE" "$WORK/nginx-feat/nginx.pid" \
       nginx -p "$WORK/nginx-feat" -e "$WORK/nginx-feat/error.log" -c "$WORK/nginx-feat/nginx.conf"
@@ -633,6 +680,10 @@ start_servers() {
     wait_for "${URL[haproxy]}" haproxy
   fi
   ((NEED_FEAT)) && wait_ready sidecar-feat "$FSIDECAR_ADMIN_PORT"
+  if ((NEED_BEFORE)); then
+    wait_ready sidecar-before "$BSIDECAR_ADMIN_PORT"
+    wait_ready sidecar-feat-before "$BFSIDECAR_ADMIN_PORT"
+  fi
   ((NEED_FNGINX)) && wait_for "$FN/api/bench" nginx-feat
   local t name
   for name in "${!PID[@]}"; do
@@ -944,6 +995,52 @@ scenario_ratelimit_global() {
   alive sidecar-feat redis
 }
 
+# compare_kind KIND AFTER-SERVER BEFORE-SERVER AFTER-URL BEFORE-URL HEADER-REGEX [curl/wrk args]: both
+# binaries answer the same (a decoded body equal to the other's, the header that shows the
+# feature worked), then COMPARE_ROUNDS rounds of one run each, the order alternating (before,
+# after, after, before, ...) so that a drift of the machine over the rounds hits both alike.
+compare_kind() {
+  local kind=$1 after=$2 before=$3 aurl=$4 burl=$5 want=$6 side url r warm
+  shift 6
+  for side in before after; do
+    url=$([[ $side == after ]] && echo "$aurl" || echo "$burl")
+    expect_200 "$url" "compare.$kind.$side.first" "$@"
+    expect_200 "$url" "compare.$kind.$side" "$@"
+    has_header "compare.$kind.$side" "$want" ||
+      die "compare $kind: the $side binary's response at $url has no header matching '$want'; headers: $(tr -d '\r' <"$RAW/check-compare.$kind.$side.headers" | paste -sd'|')"
+    if has_header "compare.$kind.$side" '^content-encoding: *gzip'; then
+      gzip -dc <"$RAW/check-compare.$kind.$side.body" >"$RAW/check-compare.$kind.$side.decoded"
+    else
+      cp "$RAW/check-compare.$kind.$side.body" "$RAW/check-compare.$kind.$side.decoded"
+    fi
+  done
+  cmp -s "$RAW/check-compare.$kind.before.decoded" "$RAW/check-compare.$kind.after.decoded" ||
+    die "compare $kind: the two binaries returned different bodies at $burl and $aurl"
+  local -a order
+  for ((r = 1; r <= COMPARE_ROUNDS; r++)); do
+    if ((r % 2)); then order=(before after); else order=(after before); fi
+    for side in "${order[@]}"; do
+      warm=$([[ $r == 1 ]] && echo "$SCENARIO_WARMUP" || echo 0)
+      if [[ $side == after ]]; then
+        run_wrk "compare.$kind.after.$r" "$after" "$aurl" "$warm" "$COMPARE_DURATION" "$@"
+      else
+        run_wrk "compare.$kind.before.$r" "$before" "$burl" "$warm" "$COMPARE_DURATION" "$@"
+      fi
+    done
+  done
+}
+
+scenario_compare() {
+  local bs="http://127.0.0.1:$BSIDECAR_PORT" bfs="http://127.0.0.1:$BFSIDECAR_PORT"
+  log "comparing $SIDECAR_BIN (after) with $BEFORE_BIN (before): $COMPARE_ROUNDS rounds of $COMPARE_DURATION per kind"
+  compare_kind pass-through sidecar sidecar-before "${URL[sidecar]}" "$bs$PATH_UNDER_TEST" '^content-type:'
+  compare_kind cache-hit sidecar-feat sidecar-feat-before "$FS/cache/bench" "$bfs/cache/bench" '^cache-status:.*hit'
+  compare_kind gzip-hit sidecar-feat sidecar-feat-before "$FS/gzip/bench" "$bfs/gzip/bench" '^content-encoding: *gzip' \
+    -H 'Accept-Encoding: gzip'
+  compare_kind limited sidecar-feat sidecar-feat-before "$FS/limited/bench" "$bfs/limited/bench" '^x-ratelimit-limit:'
+  alive sidecar sidecar-before sidecar-feat sidecar-feat-before
+}
+
 scenario_decision() {
   log "decision micro-benchmark: cargo bench -p apipolicy-sidecar --bench decision"
   sample_start none
@@ -1001,6 +1098,8 @@ haproxy_version="" redis_version="" sidecar_version=""
 if ((NEED_BASE)); then haproxy_version=$(haproxy -v 2>&1 | head -1 || true); fi
 if ((NEED_REDIS)); then redis_version=$(redis-server --version 2>&1 | head -1 || true); fi
 if ((NEED_SERVERS)); then sidecar_version=$("$SIDECAR_BIN" --version 2>&1 | head -1 || true); fi
+before_version=""
+if ((NEED_BEFORE)); then before_version=$("$BEFORE_BIN" --version 2>&1 | head -1 || true); fi
 for s in "${SELECTED[@]}"; do timings+="$s=${SCENARIO_SECONDS[$s]},"; done
 export BENCH_RAW="$RAW" BENCH_RESULTS="$RESULTS" BENCH_RATE="${RATE:-0}" BENCH_RATE_FRACTION="$RATE_FRACTION" \
   BENCH_SCENARIOS="$(IFS=,; echo "${SELECTED[*]}")" BENCH_FULL_RUN="$FULL_RUN" BENCH_SCENARIO_SECONDS="${timings%,}" \
@@ -1014,6 +1113,8 @@ export BENCH_RAW="$RAW" BENCH_RESULTS="$RESULTS" BENCH_RATE="${RATE:-0}" BENCH_R
   BENCH_SIDECAR_VERSION="$sidecar_version" \
   BENCH_GIT_COMMIT="$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   BENCH_GIT_DIRTY="$(git -C "$REPO_DIR" status --porcelain -- sidecar api Cargo.toml Cargo.lock 2>/dev/null | wc -l)" \
+  BENCH_BEFORE_BIN="$BEFORE_BIN" BENCH_COMPARE_ROUNDS="$COMPARE_ROUNDS" BENCH_COMPARE_DURATION="$COMPARE_DURATION" \
+  BENCH_BEFORE_VERSION="$before_version" \
   BENCH_SIDECAR_BIN="${SIDECAR_BIN:-}" BENCH_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
   BENCH_PROXY_CORE="$PROXY_CORE" BENCH_LOAD_CORE="$LOAD_CORE" \
   BENCH_WRK_CONNS="$WRK_CONNS" BENCH_WRK_DURATION="$WRK_DURATION" BENCH_WARMUP_DURATION="$WARMUP_DURATION" \
