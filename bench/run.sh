@@ -36,7 +36,7 @@
 #   GLOBAL_OHA_DURATION  length of each of those runs (default 8s)
 #   DECISION_BENCH_MS  time per sample of the decision micro-benchmark (default 60)
 #   OHA_VERSION        oha version to install when oha is missing (default 1.16.0)
-#   COMPARE_ROUNDS     rounds of the compare scenario (default 6; each runs both binaries once)
+#   COMPARE_ROUNDS     rounds of the compare scenario (default 10; each runs both binaries once)
 #   COMPARE_DURATION   length of each wrk run of the compare scenario (default 5s)
 #   BASE_PORT          first of the loopback ports used (default 18080; 13 consecutive ports)
 #   RESULTS_DIR        where latest.{md,json,png} go (default: see above)
@@ -61,7 +61,7 @@ GLOBAL_OHA_DURATION=${GLOBAL_OHA_DURATION:-8s}
 DECISION_BENCH_MS=${DECISION_BENCH_MS:-60}
 OHA_VERSION=${OHA_VERSION:-1.16.0}
 BASE_PORT=${BASE_PORT:-18080}
-COMPARE_ROUNDS=${COMPARE_ROUNDS:-6}
+COMPARE_ROUNDS=${COMPARE_ROUNDS:-10}
 COMPARE_DURATION=${COMPARE_DURATION:-5s}
 BEFORE_BIN=${BEFORE_BIN:-}
 
