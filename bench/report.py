@@ -947,6 +947,12 @@ COMPARE_KINDS = [
 ]
 # A change to the request path keeps each kind within 3 % of before (or better).
 COMPARE_TOLERANCE = 0.97
+
+
+def median_or_none(xs):
+    return statistics.median(xs) if xs and None not in xs else None
+
+
 if "compare" in SCENARIOS:
     sc = "compare"
     rounds = int(env("BENCH_COMPARE_ROUNDS", "0"))
@@ -959,16 +965,15 @@ if "compare" in SCENARIOS:
         after = [wrk_run(f"{sc}.{kind}.after.{r}", f"{label}, after, round {r}", sc) for r in range(1, rounds + 1)]
         by_rps = [ratio(a["wrk"]["rps"], b["wrk"]["rps"]) for a, b in zip(after, before)]
         by_cpu = [ratio(a["rps_per_cpu_second"], b["rps_per_cpu_second"]) for a, b in zip(after, before)]
-        med = lambda xs: statistics.median(xs) if xs and None not in xs else None
         k = {
             "before_rps": [b["wrk"]["rps"] for b in before],
             "after_rps": [a["wrk"]["rps"] for a in after],
             "ratio_rounds": by_rps,
             "ratio_per_cpu_second_rounds": by_cpu,
-            "ratio_median": med(by_rps),
-            "ratio_per_cpu_second_median": med(by_cpu),
-            "before_p99_ms_median": med([b["wrk"].get("p99_ms") for b in before]),
-            "after_p99_ms_median": med([a["wrk"].get("p99_ms") for a in after]),
+            "ratio_median": median_or_none(by_rps),
+            "ratio_per_cpu_second_median": median_or_none(by_cpu),
+            "before_p99_ms_median": median_or_none([b["wrk"].get("p99_ms") for b in before]),
+            "after_p99_ms_median": median_or_none([a["wrk"].get("p99_ms") for a in after]),
             "runs": {"before": [public(b) for b in before], "after": [public(a) for a in after]},
         }
         res["kinds"][kind] = k
@@ -984,7 +989,7 @@ if "compare" in SCENARIOS:
         "(the baseline's pass-through policy and the feature scenarios' policy) side by side on core 0. Per kind, "
         f"{rounds} rounds of one `wrk -t1 -c{env('BENCH_WRK_CONNS')} -d{cdur}` run per binary, the order alternating "
         "(before, after, after, before, ...), so the machine's drift over the session hits both alike; the verdict is the "
-        "median of the per-round ratios, and a change to the request path should keep every kind ≥ 0.970x.",
+        f"median of the per-round ratios, and a change to the request path should keep every kind ≥ {fx3(COMPARE_TOLERANCE)}.",
         "",
         "| kind | before req/s (median) | after req/s (median) | after ÷ before, median | per CPU-second | rounds | wrk p99 before → after |",
         "|---|---:|---:|---:|---:|---|---|",
